@@ -1,0 +1,35 @@
+# cctr — every target installs into .venv first if needed.
+PY := .venv/bin/python
+STAMP := .venv/.installed-stamp
+
+.PHONY: install test test-all demo bench ui reproduce-table1
+
+DATASET ?= phantom-cardiac
+PRESET ?= quick
+SEEDS ?= 1
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,distributed]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m ''
+
+demo: install
+	$(PY) -m cctr.demo
+
+bench: install
+	.venv/bin/cctr bench
+
+ui: install
+	.venv/bin/cctr ui
+
+reproduce-table1: install
+	.venv/bin/cctr table1 --dataset $(DATASET) --preset $(PRESET) --seeds $(SEEDS)

@@ -1,0 +1,67 @@
+"""Typer app: thin; parses arguments, calls the modules, prints tables or one JSON object.
+
+Each command group lives in its own module here; this file assembles them and owns the
+error contract (user errors: one stderr line, exit 2, no traceback).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.table import Table
+
+from cctr.cli import data
+from cctr.cli.evaluate import evaluate_cmd, predict_cmd
+from cctr.cli.sweep import sweep_cmd, table1_cmd, ui_cmd
+from cctr.cli.train import train_cmd
+from cctr.cli.common import console, emit_json, out
+from cctr.errors import CctrError
+
+app = typer.Typer(help="CCT-R: semi-supervised segmentation guided by registration.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+app.add_typer(data.app, name="data")
+app.command("train")(train_cmd)
+app.command("evaluate")(evaluate_cmd)
+app.command("predict")(predict_cmd)
+app.command("sweep")(sweep_cmd)
+app.command("table1")(table1_cmd)
+app.command("ui")(ui_cmd)
+
+
+@app.command("bench")
+def bench(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Speed figures side by side in one run (phantom build, loader, metrics, training step)."""
+    from cctr.bench import run_bench
+
+    res = run_bench(log=console.print)
+    if as_json:
+        emit_json(res)
+        return
+    t = Table(title="cctr bench")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    for k, v in res.items():
+        t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    out.print(t)
+
+
+def main() -> None:
+    """Entry point: user errors become one stderr line and exit 2, never a traceback."""
+    import click
+
+    try:
+        app(standalone_mode=False)
+    except CctrError as e:
+        console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        console.print("interrupted", markup=False)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

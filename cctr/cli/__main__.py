@@ -1,0 +1,3 @@
+from cctr.cli import main
+
+main()

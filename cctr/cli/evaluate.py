@@ -1,0 +1,46 @@
+"""`cctr evaluate` and `cctr predict`: a checkpoint alone is enough (it carries its config)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from cctr.cli.common import emit_json, out
+
+
+def evaluate_cmd(
+    target: str = typer.Argument(..., help="A checkpoint (.pt) or an MLflow run id."),
+    split: str = typer.Option("test", "--split", help="test | val | train"),
+    convention: str = typer.Option("strict", "--convention", help="strict | ssl4mis | transunet"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Per-case x per-class metrics (CSV), a summary table, and the same logged to the run."""
+    from cctr.evaluate import evaluate
+
+    res = evaluate(target, split, convention)
+    if as_json:
+        emit_json(res["summary"] | {"csv": str(res["csv"]), "run_id": res["run_id"]})
+        return
+    t = Table(title=f"{split} ({convention})")
+    for col in ("class", "dice", "hd95", "asd"):
+        t.add_column(col, justify="right")
+    for cls, m in res["per_class"].items():
+        t.add_row(cls, f"{m['dice']:.4f}", f"{m['hd95']:.2f}", f"{m['asd']:.2f}")
+    s = res["summary"]
+    t.add_row("mean", f"{s['dice']:.4f}", f"{s['hd95']:.2f}", f"{s['asd']:.2f}", style="bold")
+    out.print(t)
+    out.print(f"per-case CSV: {res['csv']}")
+
+
+def predict_cmd(
+    checkpoint: Path = typer.Argument(..., help="A segmentation checkpoint (best.pt / last.pt)."),
+    input: Path = typer.Argument(..., help="A .nii/.nii.gz file or a folder of them."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output file (single input) or folder."),
+) -> None:
+    """Label NIfTIs on each input's own voxel grid, with its affine and header."""
+    from cctr.evaluate import predict
+
+    for p in predict(checkpoint, input, output):
+        out.print(f"wrote {p}")

@@ -1,0 +1,104 @@
+"""`cctr sweep`, `cctr table1`, `cctr ui`: the research-facing entry points."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from cctr.cli.common import console, emit_json, out
+
+
+def sweep_cmd(
+    dataset: str = typer.Option("phantom-cardiac", "--dataset", help="Dataset name."),
+    labeled: str = typer.Option("1,2,4", "--labeled", help="Labeled counts, one study each: 1,2,4"),
+    trials: int = typer.Option(8, "--trials", help="Finished (complete or pruned) trials per study."),
+    space: Path = typer.Option(Path("sweeps/default.yaml"), "--space", help="Search space YAML."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: mlruns/optuna.db)."),
+    preset: str = typer.Option("quick", "--preset", help="quick | paper"),
+    config: Optional[Path] = typer.Option(None, "--config", help="Run YAML (default experiments/<dataset>.yaml)."),
+    overrides: list[str] = typer.Option([], "--set", help="section.key=value for every trial."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop starting trials after S seconds."),
+    heartbeat: int = typer.Option(30, "--heartbeat", help="Seconds between worker heartbeats."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """One Optuna study per labeled count; every trial is a nested MLflow run that really trains."""
+    from cctr.config import load_config
+    from cctr.data.datasets import get_spec
+    from cctr.sweep import load_space, parse_labeled, run_sweep
+
+    counts = parse_labeled(labeled)
+    get_spec(dataset)
+    if trials < 1:
+        from cctr.errors import CctrError
+
+        raise CctrError(f"--trials must be >= 1, got {trials}")
+    sp = load_space(space)
+    cfg = load_config(config or default_config(dataset), preset, [*overrides, f"data.dataset={dataset}"])
+    results = run_sweep(cfg, counts, sp, trials, storage, timeout, heartbeat,
+                        log=lambda m: console.print(m, markup=False), progress=not as_json)
+    if as_json:
+        emit_json({"dataset": dataset, "studies": [r.__dict__ for r in results]})
+        return
+    print_sweep_table(dataset, results)
+    out.print("browse the runs: `make ui` (or `cctr ui`)")
+
+
+def default_config(dataset: str) -> Path:
+    p = Path("experiments") / f"{dataset.replace('-', '_')}.yaml"
+    return p if p.exists() else Path("experiments/phantom_cardiac.yaml")
+
+
+def print_sweep_table(dataset: str, results) -> None:
+    t = Table(title=f"sweep: {dataset}")
+    for col in ("labeled", "study", "complete", "pruned", "failed", "best trial", "val Dice", "test Dice",
+                "test HD95", "best params"):
+        t.add_column(col)
+    for r in results:
+        b = r.best or {}
+        params = ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                           for k, v in b.get("params", {}).items())
+        t.add_row(str(r.labeled), r.study_name, str(r.n_complete), str(r.n_pruned), str(r.n_failed),
+                  str(b.get("trial", "-")), _f(b.get("val_dice")), _f(b.get("test_dice")), _f(b.get("test_hd95"), 2),
+                  params)
+    out.print(t)
+
+
+def _f(v, nd: int = 4) -> str:
+    return "-" if v is None or v != v else f"{v:.{nd}f}"
+
+
+def ui_cmd(
+    port: int = typer.Option(5000, "--port"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+) -> None:
+    """The MLflow UI over this repo's store (loopback by default)."""
+    from cctr.ui import serve
+
+    serve(host, port, log=lambda m: out.print(m))
+
+
+def table1_cmd(
+    dataset: str = typer.Option("phantom-cardiac", "--dataset"),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="Default experiments/table1_<dataset>.yaml"),
+    preset: Optional[str] = typer.Option(None, "--preset"),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="Number of seeds (0..N-1)."),
+    out_dir: Path = typer.Option(Path("results"), "--out"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Run every Table-1 cell not finished yet, then write results/table1_<dataset>.{md,csv,png}."""
+    from cctr.data.datasets import get_spec
+    from cctr.table1 import load_table_spec, run_table, write_table
+
+    ds_spec = get_spec(dataset)
+    path = spec or Path("experiments") / f"table1_{dataset.replace('-', '_')}.yaml"
+    ts = load_table_spec(path, preset, seeds)
+    records = run_table(ts, log=lambda m: console.print(m, markup=False), progress=not as_json)
+    files = write_table(ts, records, dataset, ds_spec.class_names, out_dir)
+    if as_json:
+        emit_json({"dataset": dataset, "files": {k: str(v) for k, v in files.items()}, "cells": records})
+        return
+    out.print(files["md"].read_text())
+    out.print(f"wrote {files['md']}, {files['csv']}, {files['png']}")

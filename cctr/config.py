@@ -1,0 +1,212 @@
+"""Typed run configuration: YAML in `experiments/` + preset + `--set key=value` overrides.
+
+One `RunConfig` describes a run; it is logged whole to MLflow and stored in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cctr.errors import CctrError
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "phantom-cardiac"
+    labeled: int = 1
+    seed: int = 0  # split seed
+    size: int = 96  # 2D training size (square)
+    num_workers: int = 0
+
+
+@dataclass
+class RegistrationConfig:
+    grid: tuple[int, int, int] = (16, 64, 64)  # (Z,H,W) registration grid
+    channels: tuple[int, ...] = (8, 16, 16, 16)  # U-Net encoder widths
+    int_steps: int = 7  # scaling-and-squaring steps; 0 = plain displacement
+    downsize: int = 2  # velocity predicted + integrated at grid/downsize (CPU speed), then upsampled
+    similarity: str = "ncc"  # "ncc" | "mse"
+    ncc_window: int = 5
+    lambda_smooth: float = 1.0
+    dice_weight: float = 0.0  # optional supervised Dice term on labeled pairs (off: unsupervised)
+    affine: str = "moments"  # "moments" | "none": pre-alignment before the deformable net
+    iters: int = 1500
+    lr: float = 1e-3
+    batch_size: int = 2
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    arch_a: str = "Unet"
+    encoder_a: str = "resnet18"
+    arch_b: str = "Segformer"
+    encoder_b: str = "mit_b0"
+    encoder_weights: str | None = None
+    proj_dim: int = 64
+
+
+@dataclass
+class TrainConfig:
+    method: str = "cctr"
+    iters: int = 1000
+    batch_labeled: int = 4
+    batch_unlabeled: int = 4
+    optimizer: str = "sgd"  # "sgd" | "adamw"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    grad_clip: float = 10.0
+    amp: bool = False
+    seed: int = 0
+    ramp_iters: int = 300
+    w_ct: float = 1.0
+    w_rsl: float = 1.0
+    w_con: float = 0.1
+    conf_threshold: float = 0.6
+    tau: float = 0.1
+    anchors_per_class: int = 32
+    memory_size: int = 2048
+    reps_radius_mm: float = 5.0
+    reps_k: int = 0  # > 0: k nearest instead of a radius
+    val_every: int = 200
+
+
+@dataclass
+class RunConfig:
+    preset: str = "quick"
+    data: DataConfig = field(default_factory=DataConfig)
+    registration: RegistrationConfig = field(default_factory=RegistrationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Coerce a YAML/CLI value to the annotated field type, or raise a one-line CctrError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(args[0], value, key)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        args = typing.get_args(tp)
+        inner = args[0]
+        return tuple(_coerce(inner, v, key) for v in value)
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise CctrError(f"config key '{key}': cannot read {value!r} as {tp.__name__}") from None
+    return value
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build a (nested) config dataclass; unknown keys are errors, not silently ignored."""
+    hints = _hints(cls)
+    kwargs = {}
+    for k, v in (data or {}).items():
+        if k not in hints:
+            raise CctrError(f"unknown config key '{prefix}{k}'; known: {', '.join(hints)}")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = from_dict(tp, v, f"{prefix}{k}.")
+        else:
+            kwargs[k] = _coerce(tp, v, prefix + k)
+    return cls(**kwargs)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply `section.key=value` strings (the CLI's repeated `--set`)."""
+    d = to_dict(cfg)
+    for ov in overrides:
+        if "=" not in ov:
+            raise CctrError(f"--set expects key=value, got '{ov}'")
+        key, value = ov.split("=", 1)
+        parts = key.strip().split(".")
+        node = d
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise CctrError(f"unknown config key '{key}'")
+            node = node[p]
+        if parts[-1] not in node:
+            raise CctrError(f"unknown config key '{key}'")
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else value
+    return from_dict(RunConfig, d)
+
+
+def load_config(path: str | Path | None, preset: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """YAML base, then `presets.<preset>` from the same file, then overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise CctrError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise CctrError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    presets = raw.pop("presets", {}) or {}
+    preset = preset or raw.get("preset", "quick")
+    if presets:
+        if preset not in presets:
+            raise CctrError(f"unknown preset '{preset}'; {path} has: {', '.join(presets)}")
+        raw = _deep_merge(raw, presets[preset] or {})
+    raw["preset"] = preset
+    cfg = from_dict(RunConfig, raw)
+    return apply_overrides(cfg, overrides or [])
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def flatten(cfg: Any) -> dict[str, Any]:
+    """`section.key -> value`, the form logged as MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(d: dict, pre: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{pre}{k}.")
+            else:
+                out[f"{pre}{k}"] = v
+
+    walk(to_dict(cfg), "")
+    return out

@@ -1,0 +1,1 @@
+"""Data layer: cases, readers, phantoms, splits, the 2D slice loader."""

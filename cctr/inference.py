@@ -1,0 +1,96 @@
+"""Volume inference with the 2D nets: slice-wise, at the training size, back to the native grid.
+
+Each slice is resized (bilinear) to `size` x `size`, the nets' logits are resized back (bilinear)
+to the native in-plane size, and only then turned into probabilities and labels: resampling
+logits rather than labels keeps thin structures and smooth boundaries (nearest-neighbour
+resizing of an argmax map makes staircases at every upsampling).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cctr.errors import CctrError
+
+
+def _logits(out: object) -> torch.Tensor:
+    """Nets may return logits, a dict with "logits" (e.g. with embeddings), or a tuple led by logits."""
+    if isinstance(out, dict):
+        return out["logits"]
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out  # type: ignore[return-value]
+
+
+def _native_probs(net: torch.nn.Module, x: torch.Tensor, size: int, hw: tuple[int, int]) -> torch.Tensor:
+    """Softmax of one net's logits for a [B,1,size,size] batch, logits resized to `hw` first."""
+    lg = _logits(net(x)).float()
+    if lg.ndim != 4 or lg.shape[0] != x.shape[0] or tuple(lg.shape[-2:]) != (size, size):
+        raise CctrError(f"predict_volume: net output shape {tuple(lg.shape)}, expected [B,C,{size},{size}]")
+    if tuple(hw) != (size, size):
+        lg = F.interpolate(lg, size=hw, mode="bilinear", align_corners=False)
+    return torch.softmax(lg, dim=1)
+
+
+def _default_device(nets: Sequence[torch.nn.Module]) -> torch.device:
+    for p in nets[0].parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def predict_volume(
+    nets: Sequence[torch.nn.Module],
+    image: np.ndarray,
+    size: int,
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+    return_probs: bool = False,
+) -> np.ndarray:
+    """Labels uint8 [Z,H,W] of a normalised float image [Z,H,W]; with `return_probs`, probs [C,Z,H,W].
+
+    Several nets form an ensemble: their softmax probabilities (at native size) are averaged.
+    `device=None` runs where the first net's parameters live; a given device moves the nets there.
+    Each net's train/eval mode is restored afterwards, so this is safe mid-training (validation).
+    """
+    if not nets:
+        raise CctrError("predict_volume: no network given")
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim != 3 or min(img.shape) == 0:
+        raise CctrError(f"predict_volume: expected a non-empty [Z,H,W] image, got shape {img.shape}")
+    if size < 1 or batch_size < 1:
+        raise CctrError(f"predict_volume: size and batch_size must be >= 1, got {size}, {batch_size}")
+    dev = torch.device(device) if device is not None else _default_device(nets)
+    modes = [n.training for n in nets]
+    z, h, w = img.shape
+    labels = np.empty((z, h, w), dtype=np.uint8)
+    probs_out: np.ndarray | None = None
+    try:
+        for n in nets:
+            n.to(dev).eval()
+        with torch.inference_mode():
+            for s in range(0, z, batch_size):
+                x = torch.tensor(img[s : s + batch_size], device=dev).unsqueeze(1)  # [B,1,H,W], a copy
+                if (h, w) != (size, size):
+                    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+                prob = _native_probs(nets[0], x, size, (h, w))
+                for n in nets[1:]:
+                    p = _native_probs(n, x, size, (h, w))
+                    if p.shape != prob.shape:
+                        raise CctrError(
+                            f"predict_volume: ensemble nets disagree on classes: {p.shape[1]} vs {prob.shape[1]}"
+                        )
+                    prob += p
+                prob /= len(nets)
+                labels[s : s + batch_size] = prob.argmax(dim=1).to(torch.uint8).cpu().numpy()
+                if return_probs:
+                    if probs_out is None:
+                        probs_out = np.empty((prob.shape[1], z, h, w), dtype=np.float32)
+                    probs_out[:, s : s + batch_size] = prob.permute(1, 0, 2, 3).cpu().numpy()
+    finally:
+        for n, mode in zip(nets, modes):
+            n.train(mode)
+    return probs_out if return_probs else labels  # type: ignore[return-value]

@@ -1,0 +1,132 @@
+"""The two 2D segmentation networks of CCT-R (segmentation-models-pytorch) and their projection heads.
+
+Each `SegNet` returns the segmentation logits *and* L2-normalised pixel embeddings taken from the
+decoder features (the tensor smp's segmentation head consumes), so the contrastive loss shapes the
+same representation the segmentation is read from. Embeddings stay at decoder resolution (full
+resolution for U-Net, 1/4 for SegFormer): sample labels there (`cctr.losses.resize_nearest`) instead of
+upsampling D-dim maps, which would cost D/C times the memory of the logits.
+
+Input height and width must be multiples of the encoder's output stride (32 for the defaults).
+Weights are never downloaded unless `encoder_weights` is set explicitly.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cctr.config import ModelConfig
+from cctr.errors import CctrError
+
+
+def arch_names() -> list[str]:
+    """smp architecture names accepted by `SegNet` (matched case-insensitively)."""
+    return sorted((c.__name__ for c in smp.MODEL_ARCHITECTURES_MAPPING.values()), key=str.lower)
+
+
+def encoder_names() -> list[str]:
+    """smp encoder names; any timm encoder is also accepted as `tu-<timm name>`."""
+    return sorted(smp.encoders.get_encoder_names())
+
+
+class ProjectionHead(nn.Module):
+    """Two 1x1 convs (BN/ReLU between) to `dim` channels, L2-normalised per pixel."""
+
+    def __init__(self, in_channels: int, dim: int) -> None:
+        super().__init__()
+        hidden = max(in_channels, dim)  # never a bottleneck narrower than the output
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, dim, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(x), dim=1)
+
+
+class SegNet(nn.Module):
+    """smp model + projection head; `forward(x [B,1,H,W])` -> {"logits" [B,C,H,W], "embed" [B,D,h,w]}."""
+
+    def __init__(
+        self, arch: str, encoder: str, num_classes: int, proj_dim: int, encoder_weights: str | None = None
+    ) -> None:
+        super().__init__()
+        _check_names(arch, encoder)
+        if num_classes < 2:
+            raise CctrError(f"num_classes must be >= 2 (background + foreground), got {num_classes}")
+        if proj_dim < 1:
+            raise CctrError(f"model.proj_dim must be >= 1, got {proj_dim}")
+        self.arch, self.encoder_name = arch, encoder
+        self.num_classes, self.proj_dim = num_classes, proj_dim
+        self.model, self.in_repeat = _create(arch, encoder, num_classes, encoder_weights)
+        head_conv = next(m for m in self.model.segmentation_head.modules() if isinstance(m, nn.Conv2d))
+        self.proj = ProjectionHead(head_conv.in_channels, proj_dim)
+        self.stride = int(getattr(self.model.encoder, "output_stride", 32))
+        # smp < 0.5 decoders take `*features`, later ones a list.
+        params = inspect.signature(self.model.decoder.forward).parameters.values()
+        self._decoder_star = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a one-line CctrError for a wrong rank/channel count or a size the encoder cannot take."""
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise CctrError(f"{self.arch}/{self.encoder_name}: expected input [B,1,H,W], got {list(x.shape)}")
+        h, w = x.shape[-2:]
+        if h % self.stride or w % self.stride:
+            raise CctrError(
+                f"{self.arch}/{self.encoder_name}: input size {h}x{w} is not a multiple of {self.stride}; "
+                f"use data.size divisible by {self.stride}"
+            )
+
+    def forward(self, x: torch.Tensor, with_embed: bool = True) -> dict[str, torch.Tensor]:
+        """`with_embed=False` skips the projection head (validation/prediction need only logits)."""
+        self.check_input(x)
+        if self.in_repeat > 1:
+            x = x.expand(-1, self.in_repeat, -1, -1)
+        feats = self.model.encoder(x)
+        dec = self.model.decoder(*feats) if self._decoder_star else self.model.decoder(feats)
+        out = {"logits": self.model.segmentation_head(dec)}
+        if with_embed:
+            out["embed"] = self.proj(dec)
+        return out
+
+
+def _check_names(arch: str, encoder: str) -> None:
+    if arch.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
+        raise CctrError(f"unknown architecture '{arch}'; valid: {', '.join(arch_names())}")
+    if not encoder.startswith("tu-") and encoder not in smp.encoders.get_encoder_names():
+        raise CctrError(f"unknown encoder '{encoder}'; valid: {', '.join(encoder_names())} (or tu-<timm model>)")
+
+
+def _create(arch: str, encoder: str, num_classes: int, weights: str | None) -> tuple[nn.Module, int]:
+    """Build the smp model for grayscale input; returns (model, channels to repeat the input to).
+
+    Encoders that refuse `in_channels=1` (MiT in smp < 0.5) are built for 3 channels and fed the
+    grayscale channel repeated, which is also what ImageNet weights expect.
+    """
+
+    def make(in_ch: int) -> nn.Module:
+        return smp.create_model(
+            arch, encoder_name=encoder, encoder_weights=weights, in_channels=in_ch, classes=num_classes
+        )
+
+    try:
+        try:
+            return make(1), 1
+        except ValueError:
+            return make(3), 3
+    except (KeyError, ValueError, RuntimeError, OSError, AssertionError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CctrError(f"cannot build {arch}/{encoder} (weights={weights}): {first}") from None
+
+
+def build_nets(cfg: ModelConfig, num_classes: int) -> tuple[SegNet, SegNet]:
+    """Net A (default CNN U-Net/resnet18) and net B (default SegFormer/mit_b0), as the config says."""
+    a = SegNet(cfg.arch_a, cfg.encoder_a, num_classes, cfg.proj_dim, cfg.encoder_weights)
+    b = SegNet(cfg.arch_b, cfg.encoder_b, num_classes, cfg.proj_dim, cfg.encoder_weights)
+    return a, b

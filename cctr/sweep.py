@@ -1,0 +1,354 @@
+"""Everything Optuna (DESIGN §6): search spaces from YAML, one study per (dataset, labeled count),
+pruning on validation Dice, resumable multi-worker storage with heartbeats and retries.
+
+Each trial is a full `cctr.train.train` run, nested under one MLflow parent run per study.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cctr.config import RunConfig, apply_overrides, flatten
+from cctr.errors import CctrError
+from cctr.paths import mlruns_root
+
+PARAM_TYPES = ("float", "int", "categorical")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str  # a flattened config key, e.g. "train.w_ct"
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple = ()
+
+    def suggest(self, trial) -> Any:
+        if self.kind == "float":
+            return trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step)
+        if self.kind == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log,
+                                     step=int(self.step or 1))
+        return trial.suggest_categorical(self.name, list(self.choices))
+
+
+@dataclass
+class Space:
+    """A search space plus the pruner/sampler settings that belong with it."""
+
+    name: str
+    params: list[ParamSpec]
+    pruner: dict = field(default_factory=lambda: {"type": "median", "n_startup_trials": 2, "n_warmup_steps": 0})
+    sampler: dict = field(default_factory=lambda: {"type": "tpe", "seed": 0})
+
+
+def load_space(path: str | Path) -> Space:
+    """Read and validate `sweeps/*.yaml`; unknown parameters and empty ranges are one-line errors."""
+    p = Path(path)
+    if not p.exists():
+        raise CctrError(f"search space not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise CctrError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    known = flatten(RunConfig())
+    params = []
+    for name, d in (raw.get("params") or {}).items():
+        if name not in known:
+            raise CctrError(f"{p}: unknown parameter '{name}' (not a config key)")
+        d = d or {}
+        kind = d.get("type", "float")
+        if kind not in PARAM_TYPES:
+            raise CctrError(f"{p}: parameter '{name}' has type '{kind}'; use one of {', '.join(PARAM_TYPES)}")
+        if kind == "categorical":
+            choices = tuple(d.get("choices") or ())
+            if not choices:
+                raise CctrError(f"{p}: parameter '{name}' has no choices")
+            params.append(ParamSpec(name, kind, choices=choices))
+            continue
+        lo, hi = d.get("low"), d.get("high")
+        if lo is None or hi is None or not float(lo) < float(hi):
+            raise CctrError(f"{p}: parameter '{name}' has an empty range (low={lo}, high={hi})")
+        if d.get("log") and float(lo) <= 0:
+            raise CctrError(f"{p}: parameter '{name}' is log-scaled but low={lo} <= 0")
+        params.append(ParamSpec(name, kind, float(lo), float(hi), bool(d.get("log", False)), d.get("step")))
+    if not params:
+        raise CctrError(f"{p}: no parameters to search")
+    sp = Space(p.stem, params)
+    if raw.get("pruner"):
+        sp.pruner = dict(raw["pruner"])
+    if raw.get("sampler"):
+        sp.sampler = dict(raw["sampler"])
+    return sp
+
+
+def parse_labeled(text: str) -> list[int]:
+    """`1,2,4` → [1, 2, 4]; anything else is one clear error."""
+    parts = [s.strip() for s in str(text).split(",")]
+    if not parts or any(not s.isdigit() or int(s) < 1 for s in parts):
+        raise CctrError(f"--labeled must be a comma-separated list of positive integers, got '{text}'")
+    return [int(s) for s in parts]
+
+
+def default_storage() -> str:
+    return f"sqlite:///{(mlruns_root() / 'optuna.db').resolve()}"
+
+
+def _make_pruner(d: dict):
+    import optuna
+
+    d = dict(d)
+    kind = d.pop("type", "median")
+    table = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
+             "hyperband": optuna.pruners.HyperbandPruner, "none": optuna.pruners.NopPruner}
+    if kind not in table:
+        raise CctrError(f"unknown pruner '{kind}'; known: {', '.join(table)}")
+    return table[kind](**d)
+
+
+def _make_sampler(d: dict):
+    import optuna
+
+    d = dict(d)
+    kind = d.pop("type", "tpe")
+    table = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
+    if kind not in table:
+        raise CctrError(f"unknown sampler '{kind}'; known: {', '.join(table)}")
+    return table[kind](**d)
+
+
+def make_storage(url: str, heartbeat_s: int):
+    """An RDB storage with heartbeats: a killed worker's trial becomes FAIL and is retried."""
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    retry = RetryFailedTrialCallback(max_retry=2)
+
+    def on_failed(study, trial) -> None:
+        _close_orphan_run(trial)
+        retry(study, trial)
+
+    kwargs: dict[str, Any] = {"heartbeat_interval": heartbeat_s, "grace_period": 2 * heartbeat_s,
+                              "failed_trial_callback": on_failed}
+    engine: dict[str, Any] = {"pool_pre_ping": True}
+    if url.startswith("sqlite"):
+        engine["connect_args"] = {"timeout": 60}
+        Path(url.split("sqlite:///", 1)[-1]).parent.mkdir(parents=True, exist_ok=True)
+    else:
+        engine["connect_args"] = {"connect_timeout": 10}
+    try:
+        return RDBStorage(url, engine_kwargs=engine, **kwargs)
+    except (ImportError, ModuleNotFoundError) as e:
+        raise CctrError(f"storage {url}: driver missing ({e}); install the 'distributed' extra") from None
+    except Exception as e:  # sqlalchemy OperationalError, ArgumentError, ...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CctrError(f"cannot open Optuna storage {_redact(url)}: {msg[:200]}") from None
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def _close_orphan_run(trial) -> None:
+    """A trial whose worker died left its MLflow run RUNNING: end it as KILLED."""
+    from cctr import tracking
+
+    rid = trial.user_attrs.get("mlflow_run_id")
+    if not rid:
+        return
+    try:
+        if tracking.client().get_run(rid).info.status == "RUNNING":
+            tracking.end_run(rid, "KILLED", "worker died (Optuna heartbeat expired)")
+    except Exception:  # noqa: BLE001 — the run may never have been created
+        pass
+
+
+class Pruned(Exception):
+    """Raised from the validation hook: Optuna prunes the trial; its MLflow run ended as asked."""
+
+    run_status = "FINISHED"
+
+
+@dataclass
+class StudyResult:
+    labeled: int
+    study_name: str
+    parent_run_id: str
+    n_complete: int
+    n_pruned: int
+    n_failed: int
+    best: dict | None
+
+
+def study_name(dataset: str, labeled: int, space: Space) -> str:
+    return f"{dataset}-l{labeled}-{space.name}"
+
+
+def run_sweep(
+    base: RunConfig,
+    labeled_counts: list[int],
+    space: Space,
+    n_trials: int,
+    storage_url: str | None = None,
+    timeout_s: float | None = None,
+    heartbeat_s: int = 30,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> list[StudyResult]:
+    """Run (or resume, or join as one more worker) one study per labeled count."""
+    import optuna
+
+    from cctr import tracking
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = storage_url or default_storage()
+    storage = make_storage(url, heartbeat_s)
+    results = []
+    deadline = time.time() + timeout_s if timeout_s else None
+    for n_lab in labeled_counts:
+        cfg = apply_overrides(base, [f"data.labeled={n_lab}"])
+        _prepare_shared(cfg)  # registration trained/applied once, reused by every trial
+        name = study_name(cfg.data.dataset, n_lab, space)
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+                                    pruner=_make_pruner(space.pruner), sampler=_make_sampler(space.sampler))
+        parent = _parent_run(study, cfg, name)
+        log(f"study {name}: storage {_redact(url)}, parent MLflow run {parent}")
+        with tracking.start_run(cfg.data.dataset, name, run_id=parent) as prun:
+            _optimize(study, cfg, space, n_trials, prun.run_id, deadline, progress, log)
+            res = summarize_study(study, n_lab, prun.run_id)
+            prun.log_metrics({k: v for k, v in (res.best or {}).items() if isinstance(v, float)}, 0)
+            _log_study_figures(study, prun)
+        results.append(res)
+    return results
+
+
+def _prepare_shared(cfg: RunConfig) -> None:
+    from cctr.data.datasets import load_dataset, make_split
+    from cctr.train import get_method
+
+    ds = load_dataset(cfg.data.dataset)
+    split = make_split(ds, cfg.data.labeled, cfg.data.seed)
+    if get_method(cfg.train.method).needs_registration:
+        from cctr.registration.apply import registration_maps
+
+        registration_maps(cfg.data.dataset, cfg.registration, split)
+
+
+def _parent_run(study, cfg: RunConfig, name: str) -> str:
+    """One MLflow parent run per study, remembered on the study so workers and re-runs share it."""
+    from cctr import tracking
+
+    rid = study.user_attrs.get("mlflow_parent_run_id")
+    if rid:
+        return rid
+    c = tracking.client()
+    run = c.create_run(tracking.experiment_id(cfg.data.dataset), run_name=name,
+                       tags={"mlflow.runName": name, "optuna_study": name, "role": "study",
+                             "labeled": str(cfg.data.labeled)})
+    rid = run.info.run_id
+    study.set_user_attr("mlflow_parent_run_id", rid)
+    tracking.Run(rid).log_params({"study": name, **{f"base.{k}": v for k, v in flatten(cfg).items()}})
+    c.set_terminated(rid, "FINISHED")
+    return study.user_attrs.get("mlflow_parent_run_id", rid)
+
+
+def _finished(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def _optimize(study, cfg: RunConfig, space: Space, n_trials: int, parent: str, deadline, progress, log) -> None:
+    import optuna
+    from optuna.storages import fail_stale_trials
+
+    def objective(trial: optuna.Trial) -> float:
+        return _objective(trial, cfg, space, parent, progress)
+
+    while _finished(study) < n_trials:
+        if deadline and time.time() > deadline:
+            log("sweep: timeout reached")
+            break
+        fail_stale_trials(study)
+        study.optimize(objective, n_trials=1, catch=(), gc_after_trial=True)
+
+
+def _objective(trial, cfg: RunConfig, space: Space, parent: str, progress: bool) -> float:
+    import optuna
+
+    from cctr.runs import run_dir_for
+    from cctr.train import Diverged, train
+
+    values = {p.name: p.suggest(trial) for p in space.params}
+    tcfg = apply_overrides(cfg, [f"{k}={v}" for k, v in values.items()])
+    name = trial.study.study_name
+
+    def on_validation(step: int, val: float) -> None:
+        trial.report(val, step)
+        if trial.should_prune():
+            raise Pruned(f"pruned at iteration {step} (val dice {val:.4f})")
+
+    run_dir = run_dir_for(tcfg) / f"trial{trial.number}-{os.getpid()}"
+    try:
+        res = train(tcfg, run_dir, progress=progress, on_validation=on_validation, parent_run_id=parent,
+                    tags={"optuna_study": name, "optuna_trial": trial.number},
+                    on_start=lambda rid: trial.set_user_attr("mlflow_run_id", rid))
+    except Pruned as e:
+        raise optuna.TrialPruned(str(e)) from None
+    except Diverged as e:
+        raise optuna.TrialPruned(f"diverged: {e}") from None
+    for k in ("test_dice", "test_hd95", "val_best_dice"):
+        if k in res.metrics:
+            trial.set_user_attr(k, float(res.metrics[k]))
+    return float(res.metrics["val_best_dice"])
+
+
+def summarize_study(study, labeled: int, parent: str) -> StudyResult:
+    from optuna.trial import TrialState
+
+    ts = study.get_trials(deepcopy=False)
+    n = {s: sum(t.state == s for t in ts) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    best = None
+    if n[TrialState.COMPLETE]:
+        bt = study.best_trial
+        best = {"trial": bt.number, "val_dice": float(bt.value), "params": dict(bt.params),
+                "test_dice": float(bt.user_attrs.get("test_dice", float("nan"))),
+                "test_hd95": float(bt.user_attrs.get("test_hd95", float("nan")))}
+    return StudyResult(labeled, study.study_name, parent, n[TrialState.COMPLETE], n[TrialState.PRUNED],
+                       n[TrialState.FAIL], best)
+
+
+def _log_study_figures(study, run) -> None:
+    """Optuna's history and importance plots as artifacts of the parent run (when computable)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as vm
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    plots = [("optimization_history.png", vm.plot_optimization_history)]
+    if len(complete) >= 2 and len(complete[0].params) >= 2:
+        plots.append(("param_importances.png", vm.plot_param_importances))
+    for fname, fn in plots:
+        if not complete:
+            break
+        try:
+            ax = fn(study)
+        except (ValueError, RuntimeError):  # e.g. importances need variation across trials
+            continue
+        fig = ax.figure if hasattr(ax, "figure") else ax[0].figure
+        run.log_figure(fig, fname)
+        plt.close(fig)

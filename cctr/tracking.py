@@ -1,0 +1,150 @@
+"""Everything MLflow (DESIGN §6): store location, experiments, runs that always end in a final state.
+
+Uses `MlflowClient` directly (no fluent global state) so nested runs and several runs per process
+(sweeps) stay explicit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cctr.errors import CctrError
+from cctr.paths import mlruns_root
+
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+_clients: dict[str, Any] = {}
+
+
+def tracking_uri() -> str:
+    return f"sqlite:///{(mlruns_root() / 'mlflow.db').resolve()}"
+
+
+def artifact_root() -> str:
+    return (mlruns_root() / "artifacts").resolve().as_uri()
+
+
+def client():
+    """One client per store location (tests move the store with CCTR_MLRUNS)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    if uri not in _clients:
+        mlruns_root().mkdir(parents=True, exist_ok=True)
+        _clients[uri] = MlflowClient(tracking_uri=uri)
+    return _clients[uri]
+
+
+def experiment_id(name: str) -> str:
+    """One experiment per dataset; created with artifacts under mlruns/artifacts."""
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name, artifact_location=f"{artifact_root()}/{name}")
+    except Exception:  # created concurrently by another worker
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+class Run:
+    """A live MLflow run; thin wrappers that batch and stringify what MLflow wants."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        ms = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if v is not None and v == v]
+        for i in range(0, len(ms), 900):
+            client().log_batch(self.run_id, metrics=ms[i:i + 900])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        ps = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(ps), 90):
+            client().log_batch(self.run_id, params=ps[i:i + 90])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            client().set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        client().log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_figure(self, fig, name: str) -> None:
+        client().log_figure(self.run_id, fig, name)
+
+
+@contextlib.contextmanager
+def start_run(
+    experiment: str,
+    run_name: str,
+    tags: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    run_id: str | None = None,
+) -> Iterator[Run]:
+    """A run that ends FINISHED, FAILED (with `failure_reason`) or KILLED (Ctrl-C), whatever happens.
+
+    `run_id` resumes an existing run (e.g. training resumed from a checkpoint).
+    """
+    c = client()
+    if run_id is not None:
+        c.update_run(run_id, status="RUNNING")
+        run = Run(run_id)
+    else:
+        t = {"mlflow.runName": run_name, **{k: str(v) for k, v in (tags or {}).items()}}
+        if parent_run_id:
+            t["mlflow.parentRunId"] = parent_run_id
+        run = Run(c.create_run(experiment_id(experiment), run_name=run_name, tags=t).info.run_id)
+        if params:
+            run.log_params(params)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        end_run(run.run_id, "KILLED", "interrupted (Ctrl-C)")
+        raise
+    except BaseException as e:  # noqa: BLE001 — every failure must end the run
+        # an exception may carry the status it means (a pruned trial ended as asked: FINISHED)
+        status = getattr(e, "run_status", "FAILED")
+        end_run(run.run_id, status, f"{type(e).__name__}: {e}" if status == "FAILED" else None)
+        if status != "FAILED":
+            Run(run.run_id).set_tags({"ended_early": type(e).__name__})
+        raise
+    else:
+        end_run(run.run_id, "FINISHED")
+
+
+def end_run(run_id: str, status: str, reason: str | None = None) -> None:
+    c = client()
+    if reason:
+        c.set_tag(run_id, "failure_reason", reason[:5000])
+    c.set_terminated(run_id, status=status)
+
+
+def find_runs(experiment: str, filter_string: str = "", max_results: int = 1000) -> list:
+    c = client()
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return c.search_runs([exp.experiment_id], filter_string=filter_string, max_results=max_results)
+
+
+def require_run(run_id: str):
+    try:
+        return client().get_run(run_id)
+    except Exception:
+        raise CctrError(f"no MLflow run with id '{run_id}' in {tracking_uri()}") from None

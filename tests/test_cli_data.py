@@ -1,0 +1,116 @@
+"""`cctr data ...` through the real entry point: bad input gives one line, exit 2, no cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+
+ENTRY = "from cctr.cli import main; main()"
+
+
+def cctr(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CCTR_CACHE": str(tmp_path / "cache"), "CCTR_DATA_ROOT": str(tmp_path / "data"),
+           "COLUMNS": "80"}
+    return subprocess.run([sys.executable, "-c", ENTRY, *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def write_nifti(path: Path, xyz: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(xyz, np.diag([1.5, 1.5, 10.0, 1.0])), str(path))
+
+
+def acdc_raw(root: Path, patients: int = 2) -> None:
+    rng = np.random.default_rng(0)
+    for p in range(1, patients + 1):
+        for f in (1, 10):
+            stem = root / "training" / f"patient{p:03d}" / f"patient{p:03d}_frame{f:02d}"
+            write_nifti(stem.with_name(stem.name + ".nii.gz"), rng.normal(size=(16, 14, 5)).astype(np.float32))
+            write_nifti(stem.with_name(stem.name + "_gt.nii.gz"), rng.integers(0, 4, (16, 14, 5)).astype(np.uint8))
+
+
+def ssl4mis(root: Path) -> None:
+    (root / "data").mkdir(parents=True)
+    for n in ("patient001_frame01", "patient002_frame01"):
+        with h5py.File(root / "data" / f"{n}.h5", "w") as f:
+            f["image"] = np.zeros((3, 8, 8), np.float32)
+            f["label"] = np.zeros((3, 8, 8), np.uint8)
+    (root / "train.list").write_text("patient001_frame01\npatient002_frame01\n")
+
+
+def _truncated(root: Path) -> str:
+    acdc_raw(root)
+    bad = root / "training/patient002/patient002_frame10.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:400])
+    return "patient002_frame10.nii.gz"
+
+
+def _h5_without_label(root: Path) -> str:
+    ssl4mis(root)
+    with h5py.File(root / "data" / "patient002_frame01.h5", "w") as f:
+        f["image"] = np.zeros((3, 8, 8), np.float32)
+    return "patient002_frame01.h5"
+
+
+def _label_seven(root: Path) -> str:
+    acdc_raw(root)
+    lab = np.zeros((16, 14, 5), np.uint8)
+    lab[3, 4, 2] = 7
+    write_nifti(root / "training/patient002/patient002_frame01_gt.nii.gz", lab)
+    return "patient002_frame01_gt.nii.gz"
+
+
+def _shape_mismatch(root: Path) -> str:
+    acdc_raw(root)
+    write_nifti(root / "training/patient001/patient001_frame10_gt.nii.gz", np.zeros((16, 14, 6), np.uint8))
+    return "patient001_frame10_gt.nii.gz"
+
+
+def _missing(root: Path) -> str:
+    return str(root)
+
+
+@pytest.mark.parametrize("make", [_missing, _truncated, _h5_without_label, _label_seven, _shape_mismatch])
+def test_bad_input_one_line_exit_2_nothing_cached(tmp_path, make):
+    src = tmp_path / "src" if make is not _missing else Path("/nonexistent")
+    culprit = make(src)
+    r = cctr(tmp_path, "data", "prepare", "acdc", "--source", str(src))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), r.stderr
+    assert culprit in lines[0]
+    assert "Traceback" not in r.stderr + r.stdout
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not any(cache.rglob("*")), list(cache.rglob("*"))
+
+
+def test_prepare_then_list_json(tmp_path):
+    acdc_raw(tmp_path / "data" / "acdc")
+    r = cctr(tmp_path, "data", "prepare", "acdc", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["dataset"] == "acdc" and summary["cases"] == 4
+    assert (tmp_path / "cache" / "acdc" / "manifest.json").exists()
+    r = cctr(tmp_path, "data", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {d["name"]: d for d in json.loads(r.stdout)["datasets"]}
+    assert {"acdc", "synapse", "phantom-cardiac", "phantom-abdomen"} <= set(rows)
+    assert rows["acdc"]["found"] and rows["acdc"]["prepared"] and not rows["synapse"]["found"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cctr.data.phantoms") is None, reason="phantom generator not present")
+def test_stats_phantom_json(tmp_path):
+    r = cctr(tmp_path, "data", "stats", "phantom-cardiac", "--json")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("\n") == 1
+    s = json.loads(r.stdout)
+    assert s["classes"] == 4 and s["cases"] > 0 and len(s["spacing"]) == 3
