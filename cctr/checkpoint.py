@@ -32,7 +32,9 @@ def load_checkpoint(path: str | Path, fmt: str) -> dict[str, Any]:
     try:
         ck = torch.load(p, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-        raise CctrError(f"{p}: not a readable cctr checkpoint ({str(e).splitlines()[0][:120]})") from None
+        kind = "truncated or corrupt" if isinstance(e, (EOFError, zipfile.BadZipFile)) or "zip" in str(e) else \
+            "not a torch checkpoint"
+        raise CctrError(f"{p}: not a readable cctr checkpoint ({kind}: {type(e).__name__})") from None
     if not isinstance(ck, dict) or ck.get("format") != fmt:
         raise CctrError(f"{p}: not a cctr {fmt} checkpoint")
     return ck

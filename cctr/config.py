@@ -34,12 +34,13 @@ class RegistrationConfig:
     int_steps: int = 7  # scaling-and-squaring steps; 0 = plain displacement
     downsize: int = 2  # velocity predicted + integrated at grid/downsize (CPU speed), then upsampled
     similarity: str = "ncc"  # "ncc" | "mse"
-    ncc_window: int = 5
-    lambda_smooth: float = 1.0
+    ncc_window: int = 9
+    lambda_smooth: float = 0.5
     dice_weight: float = 0.0  # optional supervised Dice term on labeled pairs (off: unsupervised)
-    affine: str = "moments"  # "moments" | "none": pre-alignment before the deformable net
-    iters: int = 1500
-    lr: float = 1e-3
+    affine: str = "none"  # "moments" | "none": pre-alignment before the deformable net
+    iters: int = 1000
+    lr: float = 3e-3
+    grad_clip: float = 1.0  # max gradient norm (0: off); keeps Adam from blowing the field up
     batch_size: int = 2
     seed: int = 0
 
@@ -191,6 +192,15 @@ def load_config(path: str | Path | None, preset: str | None = None, overrides: l
     raw["preset"] = preset
     cfg = from_dict(RunConfig, raw)
     return apply_overrides(cfg, overrides or [])
+
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def default_config_path(dataset: str) -> Path | None:
+    """`experiments/<dataset>.yaml` when the repo ships one (its presets hold every stage's settings)."""
+    p = EXPERIMENTS / f"{dataset.replace('-', '_')}.yaml"
+    return p if p.exists() else None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,29 +129,37 @@ def _make_sampler(d: dict):
 
 def make_storage(url: str, heartbeat_s: int):
     """An RDB storage with heartbeats: a killed worker's trial becomes FAIL and is retried."""
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    retry = RetryFailedTrialCallback(max_retry=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "experimental" in Optuna; we rely on it knowingly
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
 
-    def on_failed(study, trial) -> None:
+    def on_stale(study, trial) -> None:
         _close_orphan_run(trial)
         retry(study, trial)
 
-    kwargs: dict[str, Any] = {"heartbeat_interval": heartbeat_s, "grace_period": 2 * heartbeat_s,
-                              "failed_trial_callback": on_failed}
     engine: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         engine["connect_args"] = {"timeout": 60}
         Path(url.split("sqlite:///", 1)[-1]).parent.mkdir(parents=True, exist_ok=True)
-    else:
+    elif url.startswith("postgresql"):
         engine["connect_args"] = {"connect_timeout": 10}
-    try:
-        return RDBStorage(url, engine_kwargs=engine, **kwargs)
-    except (ImportError, ModuleNotFoundError) as e:
-        raise CctrError(f"storage {url}: driver missing ({e}); install the 'distributed' extra") from None
-    except Exception as e:  # sqlalchemy OperationalError, ArgumentError, ...
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CctrError(f"cannot open Optuna storage {_redact(url)}: {msg[:200]}") from None
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
+                                  grace_period=2 * heartbeat_s, heartbeat_stale_trial_callback=on_stale)
+        except (ImportError, ModuleNotFoundError) as e:
+            raise CctrError(f"storage {_redact(url)}: driver missing ({e}); install the 'distributed' extra") from None
+        except Exception as e:  # sqlalchemy OperationalError, ArgumentError, ...
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if ("duplicate key" in msg or "already exists" in msg) and attempt < 4:
+                time.sleep(1 + attempt)  # another worker is creating the schema right now
+                continue
+            raise CctrError(f"cannot open Optuna storage {_redact(url)}: {msg[:200]}") from None
+    raise AssertionError("unreachable")
 
 
 def _redact(url: str) -> str:
@@ -240,13 +249,18 @@ def _prepare_shared(cfg: RunConfig) -> None:
     ds = load_dataset(cfg.data.dataset)
     split = make_split(ds, cfg.data.labeled, cfg.data.seed)
     if get_method(cfg.train.method).needs_registration:
-        from cctr.registration.apply import registration_maps
+        from cctr.registration import ensure_registration, registration_maps
 
+        ensure_registration(cfg.data.dataset, cfg.registration, split, progress=False)
         registration_maps(cfg.data.dataset, cfg.registration, split)
 
 
 def _parent_run(study, cfg: RunConfig, name: str) -> str:
-    """One MLflow parent run per study, remembered on the study so workers and re-runs share it."""
+    """One MLflow parent run per study, remembered on the study so workers and re-runs share it.
+
+    Two workers starting together may both create one: the last id written to the study wins, and
+    the loser deletes its own after re-reading (Optuna user attrs have no compare-and-set).
+    """
     from cctr import tracking
 
     rid = study.user_attrs.get("mlflow_parent_run_id")
@@ -256,11 +270,15 @@ def _parent_run(study, cfg: RunConfig, name: str) -> str:
     run = c.create_run(tracking.experiment_id(cfg.data.dataset), run_name=name,
                        tags={"mlflow.runName": name, "optuna_study": name, "role": "study",
                              "labeled": str(cfg.data.labeled)})
-    rid = run.info.run_id
-    study.set_user_attr("mlflow_parent_run_id", rid)
-    tracking.Run(rid).log_params({"study": name, **{f"base.{k}": v for k, v in flatten(cfg).items()}})
-    c.set_terminated(rid, "FINISHED")
-    return study.user_attrs.get("mlflow_parent_run_id", rid)
+    mine = run.info.run_id
+    tracking.Run(mine).log_params({"study": name, **{f"base.{k}": v for k, v in flatten(cfg).items()}})
+    c.set_terminated(mine, "FINISHED")
+    study.set_user_attr("mlflow_parent_run_id", mine)
+    time.sleep(2.0)
+    winner = study.user_attrs.get("mlflow_parent_run_id", mine)  # read from the storage, not a cache
+    if winner != mine:
+        c.delete_run(mine)
+    return winner
 
 
 def _finished(study) -> int:

@@ -402,23 +402,25 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
         if scaler is not None and ck["scaler"]:
             scaler.load_state_dict(ck["scaler"])
         state = StepState(ck["iteration"], ck["best_dice"], ck["best_iter"], list(ck["history"]))
-        torch.set_rng_state(ck["rng_torch"])
-        _set_np_state(ck["rng_numpy"])
-    gen = torch.Generator(device=device)
-    gen.manual_seed(t.seed * 1000003 + state.iteration)
+    gen = torch.Generator(device=device)  # anchor sampling; reseeded per iteration so resume is exact
     loader = make_loader(data.slices, data.labeled_slices, data.unlabeled_slices if method.unlabeled else [],
                          t.batch_labeled, t.batch_unlabeled if method.unlabeled else 0, t.iters,
                          cfg.data.num_workers, t.seed, start=state.iteration)
+    batches = iter(loader)  # starting a DataLoader draws from the global RNG: restore it afterwards
+    if ck is not None:
+        torch.set_rng_state(ck["rng_torch"])
+        _set_np_state(ck["rng_numpy"])
     end = min(t.iters, stop_after) if stop_after else t.iters
     weights = {"ct": t.w_ct, "rsl": t.w_rsl, "con": t.w_con}
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
     prog = TrainProgress(end, state.iteration) if progress else None
     last_val = float("nan")
     try:
-        for batch in loader:
+        for batch in batches:
             if state.iteration >= end:
                 break
             it = state.iteration
+            gen.manual_seed(t.seed * 1000003 + it)
             lr = poly_lr(t.lr, it, t.iters, t.poly_power)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -446,7 +448,7 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
                 opt.step()
             state.iteration = it + 1
             if it % 10 == 0 or state.iteration == end:
-                run.log_metrics({"loss": float(total), "lr": lr, **{f"loss_{k}": float(v) for k, v in terms.items()}},
+                run.log_metrics({"loss": total.item(), "lr": lr, **{f"loss_{k}": v.item() for k, v in terms.items()}},
                                 it)
             if state.iteration % t.val_every == 0 or state.iteration == t.iters:
                 last_val = _validate(cfg, nets, data, run, state, device)

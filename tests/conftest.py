@@ -1,4 +1,8 @@
-"""Test isolation: no test writes into the repo's data_cache/ or mlruns/; CPU only, few threads."""
+"""Test isolation: no test writes into the repo's data_cache/ or mlruns/; CPU only, one thread.
+
+Tiny shapes gain nothing from intra-op threads, and several processes (CLI children, sweep
+workers) each spinning two OpenMP threads on two cores slow down by an order of magnitude.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -22,4 +26,5 @@ def _isolated_store(session_dirs, monkeypatch):
     monkeypatch.setenv("CCTR_DATA_ROOT", str(session_dirs["data"]))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setenv("CCTR_PHANTOM_CASES", "12")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
 

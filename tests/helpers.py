@@ -11,8 +11,8 @@ import yaml
 
 TINY = {
     "data": {"dataset": "phantom-cardiac", "labeled": 1, "size": 32},
-    "model": {"proj_dim": 16},
-    "registration": {"grid": [4, 16, 16], "iters": 3, "batch_size": 1},
+    "model": {"encoder_a": "tu-mobilenetv3_small_050", "proj_dim": 16},
+    "registration": {"grid": [8, 32, 32], "iters": 3, "batch_size": 1, "ncc_window": 3},
     "train": {"method": "cctr", "iters": 4, "batch_labeled": 2, "batch_unlabeled": 2, "val_every": 2,
               "memory_size": 64, "anchors_per_class": 4, "ramp_iters": 2},
 }
@@ -40,3 +40,25 @@ def cli(*args: str, env_extra: dict | None = None, timeout: float = 600, **kw) -
 def popen_cli(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cctr.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+
+
+def cli_inprocess(capsys, *args: str) -> tuple[int, str, str]:
+    """The CLI's `main` in this process (fast); returns (exit code, stdout, stderr).
+
+    An unhandled exception propagates here instead of becoming exit code 2, so a traceback still fails.
+    """
+    import pytest
+
+    from cctr.cli import main
+
+    capsys.readouterr()
+    old = sys.argv
+    sys.argv = ["cctr", *args]
+    try:
+        with pytest.raises(SystemExit) as e:
+            main()
+            raise SystemExit(0)
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return int(e.value.code or 0), out.out, out.err

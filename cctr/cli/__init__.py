@@ -11,7 +11,7 @@ import sys
 import typer
 from rich.table import Table
 
-from cctr.cli import data
+from cctr.cli import data, register
 from cctr.cli.evaluate import evaluate_cmd, predict_cmd
 from cctr.cli.sweep import sweep_cmd, table1_cmd, ui_cmd
 from cctr.cli.train import train_cmd
@@ -21,6 +21,7 @@ from cctr.errors import CctrError
 app = typer.Typer(help="CCT-R: semi-supervised segmentation guided by registration.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 app.add_typer(data.app, name="data")
+app.add_typer(register.app, name="register")
 app.command("train")(train_cmd)
 app.command("evaluate")(evaluate_cmd)
 app.command("predict")(predict_cmd)
@@ -48,8 +49,14 @@ def bench(as_json: bool = typer.Option(False, "--json")) -> None:
 
 def main() -> None:
     """Entry point: user errors become one stderr line and exit 2, never a traceback."""
+    import warnings
+
     import click
 
+    # library deprecation chatter is not for users of the CLI: stderr carries progress and errors only
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", module="optuna")
     try:
         app(standalone_mode=False)
     except CctrError as e:

@@ -14,19 +14,18 @@ from cctr.cli.common import console, emit_json, out
 app = typer.Typer(help="Registration stage: train, apply (label transfer + coordinates), report.",
                   no_args_is_help=True)
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "registration.yaml"
-
 _PRESET = typer.Option("quick", "--preset", help="Preset in the config file (quick | paper).")
 _SET = typer.Option(None, "--set", help="Override, e.g. registration.iters=500 (repeatable).")
-_CONFIG = typer.Option(DEFAULT_CONFIG, "--config", help="YAML with registration settings and presets.")
+_CONFIG = typer.Option(None, "--config", help="Run YAML (default experiments/<dataset>.yaml), the same file "
+                       "`cctr train` reads, so both find the same registration model.")
 _SEED = typer.Option(0, "--seed", help="Split seed.")
 _CKPT = typer.Option(None, "--checkpoint", help="Use this registration checkpoint instead of the trained one.")
 
 
-def _cfg(config: Path, preset: str, sets: Optional[list[str]]):
-    from cctr.config import load_config
+def _cfg(dataset: str, config: Optional[Path], preset: str, sets: Optional[list[str]]):
+    from cctr.config import default_config_path, load_config
 
-    return load_config(config, preset, sets or []).registration
+    return load_config(config or default_config_path(dataset), preset, sets or []).registration
 
 
 def _split(dataset: str, labeled: int, seed: int):
@@ -40,7 +39,7 @@ def train(
     dataset: str = typer.Option(..., "--dataset", help="Dataset name (e.g. phantom-cardiac)."),
     preset: str = _PRESET,
     sets: Optional[list[str]] = _SET,
-    config: Path = _CONFIG,
+    config: Optional[Path] = _CONFIG,
     seed: int = _SEED,
     labeled: int = typer.Option(1, "--labeled", help="Labeled count (used only by the optional Dice term)."),
     as_json: bool = typer.Option(False, "--json"),
@@ -48,7 +47,7 @@ def train(
     """Train on random pairs of training cases (resumes an interrupted run)."""
     from cctr.registration.train import train_registration
 
-    cfg = _cfg(config, preset, sets)
+    cfg = _cfg(dataset, config, preset, sets)
     t0 = time.perf_counter()
     path = train_registration(dataset, cfg, _split(dataset, labeled, seed), progress=not as_json)
     res = {"dataset": dataset, "checkpoint": str(path), "seconds": time.perf_counter() - t0}
@@ -65,7 +64,7 @@ def apply(
     seed: int = _SEED,
     preset: str = _PRESET,
     sets: Optional[list[str]] = _SET,
-    config: Path = _CONFIG,
+    config: Optional[Path] = _CONFIG,
     checkpoint: Optional[Path] = _CKPT,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -74,7 +73,7 @@ def apply(
 
     from cctr.registration.apply import registration_maps
 
-    cfg = _cfg(config, preset, sets)
+    cfg = _cfg(dataset, config, preset, sets)
     maps = registration_maps(dataset, cfg, _split(dataset, labeled, seed), checkpoint, progress=not as_json)
     conf = float(np.mean([maps.c_reg(c).mean() for c in maps]))
     res = {"dataset": dataset, "cases": len(maps), "reference": maps.reference, "cache": str(maps.root),
@@ -94,14 +93,14 @@ def report(
     seed: int = _SEED,
     preset: str = _PRESET,
     sets: Optional[list[str]] = _SET,
-    config: Path = _CONFIG,
+    config: Optional[Path] = _CONFIG,
     checkpoint: Optional[Path] = _CKPT,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Dice of y_reg vs identity vs TV-L1 on the unlabeled training cases; folding; speed."""
     from cctr.registration.report import registration_report
 
-    cfg = _cfg(config, preset, sets)
+    cfg = _cfg(dataset, config, preset, sets)
     res = registration_report(dataset, cfg, labeled, seed, checkpoint, progress=not as_json)
     if as_json:
         emit_json(res)

@@ -25,7 +25,7 @@ def sweep_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """One Optuna study per labeled count; every trial is a nested MLflow run that really trains."""
-    from cctr.config import load_config
+    from cctr.config import default_config_path, load_config
     from cctr.data.datasets import get_spec
     from cctr.sweep import load_space, parse_labeled, run_sweep
 
@@ -36,7 +36,7 @@ def sweep_cmd(
 
         raise CctrError(f"--trials must be >= 1, got {trials}")
     sp = load_space(space)
-    cfg = load_config(config or default_config(dataset), preset, [*overrides, f"data.dataset={dataset}"])
+    cfg = load_config(config or default_config_path(dataset), preset, [*overrides, f"data.dataset={dataset}"])
     results = run_sweep(cfg, counts, sp, trials, storage, timeout, heartbeat,
                         log=lambda m: console.print(m, markup=False), progress=not as_json)
     if as_json:
@@ -44,11 +44,6 @@ def sweep_cmd(
         return
     print_sweep_table(dataset, results)
     out.print("browse the runs: `make ui` (or `cctr ui`)")
-
-
-def default_config(dataset: str) -> Path:
-    p = Path("experiments") / f"{dataset.replace('-', '_')}.yaml"
-    return p if p.exists() else Path("experiments/phantom_cardiac.yaml")
 
 
 def print_sweep_table(dataset: str, results) -> None:

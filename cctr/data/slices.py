@@ -486,8 +486,10 @@ class SliceLoader(DataLoader):
     """DataLoader yielding dicts of batched tensors (see `SliceDataset`), unpacking workers' buffers."""
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:  # type: ignore[override]
-        for item in super().__iter__():
-            yield _unpack(item) if isinstance(item, _Packed) else item
+        # eager: DataLoader draws its base seed from the global RNG when its iterator starts, which
+        # must happen at iter() time so a resumed run can restore the RNG right after it
+        items = super().__iter__()
+        return (_unpack(item) if isinstance(item, _Packed) else item for item in items)
 
 
 def make_loader(

@@ -1,0 +1,156 @@
+"""The registration grid: resampling volumes to it and back, and the moments pre-alignment.
+
+Positions are voxel indices (z, y, x) of the volume they refer to. Grid and native indices are
+related by the align-corners convention (first and last voxel centres coincide), so a field on the
+grid maps to any native grid by a per-axis scale and nothing is shifted by half a voxel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cctr.data.case import Case
+from cctr.errors import CctrError
+
+Shape3 = tuple[int, int, int]
+
+
+def check_grid(grid: Shape3) -> Shape3:
+    g = tuple(int(v) for v in grid)
+    if len(g) != 3 or min(g) < 2:
+        raise CctrError(f"registration.grid must be three sizes >= 2 (Z,H,W), got {grid}")
+    return g  # type: ignore[return-value]
+
+
+def identity(shape: Shape3, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[3, Z, H, W] voxel positions of every voxel (the identity map)."""
+    axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))
+
+
+def sample(vol: torch.Tensor, pos: torch.Tensor, mode: str = "linear") -> torch.Tensor:
+    """Sample `vol` [B,C,Z,H,W] at voxel positions `pos` [B,3,...] (linear or nearest; border-clamped).
+
+    Border clamping keeps warped one-hots on the probability simplex outside the field of view.
+    """
+    if mode not in ("linear", "nearest"):
+        raise CctrError(f"interpolation mode must be 'linear' or 'nearest', got '{mode}'")
+    sizes = vol.shape[2:]
+    norm = [2.0 * pos[:, i] / max(sizes[i] - 1, 1) - 1.0 for i in range(3)]
+    g = torch.stack(norm[::-1], dim=-1)  # grid_sample wants (x, y, z) last
+    return F.grid_sample(vol, g.to(vol.dtype), mode="bilinear" if mode == "linear" else "nearest",
+                         padding_mode="border", align_corners=True)
+
+
+def resample(vol: torch.Tensor, shape: Shape3) -> torch.Tensor:
+    """Trilinear resampling of [C,Z,H,W] to `shape` (align-corners, matching `native_to_grid`)."""
+    return F.interpolate(vol[None].float(), size=tuple(shape), mode="trilinear", align_corners=True)[0]
+
+
+def onehot(label: np.ndarray | torch.Tensor, num_classes: int) -> torch.Tensor:
+    lab = torch.as_tensor(np.asarray(label), dtype=torch.long)
+    return F.one_hot(lab, num_classes).permute(3, 0, 1, 2).float()
+
+
+def scale_between(src: Shape3 | tuple[int, ...], dst: Shape3 | tuple[int, ...]) -> torch.Tensor:
+    """Per-axis factor turning voxel indices of a `src`-shaped volume into those of `dst`."""
+    return torch.tensor([(d - 1) / max(s - 1, 1) for s, d in zip(src, dst)], dtype=torch.float32)
+
+
+def grid_image(case: Case, grid: Shape3, source: str) -> torch.Tensor:
+    """Image on the registration grid, [1,Z,H,W], robustly scaled to [0,1]; NaN is a user error."""
+    img = np.asarray(case.image, dtype=np.float32)
+    if img.ndim != 3:
+        raise CctrError(f"{source}: expected a 3D image, got shape {img.shape}")
+    if not np.all(np.isfinite(img)):
+        raise CctrError(f"{source}: image contains NaN or inf values")
+    g = resample(torch.from_numpy(img)[None], grid)
+    lo, hi = torch.quantile(g.flatten(), torch.tensor([0.005, 0.995])).tolist()
+    if hi <= lo:
+        return torch.zeros_like(g)
+    return ((g - lo) / (hi - lo)).clamp(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- moments pre-alignment
+
+
+def moments(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre of mass and covariance (grid voxels) of the foreground: intensity above the volume mean.
+
+    Thresholding at the mean drops the dark background so the moments describe the anatomy,
+    not the field of view.
+    """
+    x = img.reshape(img.shape[-3:]).double()
+    w = (x - x.mean()).clamp(min=0)
+    if float(w.sum()) <= 0:
+        w = torch.ones_like(x)
+    pos = identity(tuple(x.shape), dtype=torch.float64).reshape(3, -1)
+    w = w.reshape(-1) / w.sum()
+    c = (pos * w).sum(1)
+    d = pos - c[:, None]
+    cov = (d * w) @ d.T
+    return c.float(), cov.float()
+
+
+def _inplane(cov_f: torch.Tensor, cov_m: torch.Tensor, max_scale: float) -> torch.Tensor:
+    """2x2 map taking the fixed in-plane principal axes and spreads onto the moving ones.
+
+    Of the two proper rotations that align the axes, the smaller one is taken; nearly round
+    shapes (axes ill-defined) get an isotropic scale only.
+    """
+    lf, ef = torch.linalg.eigh(cov_f.double())
+    lm, em = torch.linalg.eigh(cov_m.double())
+    lf, lm = lf.clamp(min=1e-6), lm.clamp(min=1e-6)
+    iso = float(torch.sqrt(torch.sqrt(lm.prod() / lf.prod()))) if float(lf.prod()) > 0 else 1.0
+    iso = float(np.clip(iso, 1 / max_scale, max_scale))
+    if lf[1] / lf[0] < 1.3 or lm[1] / lm[0] < 1.3:
+        return torch.eye(2, dtype=torch.float32) * iso
+    best, best_angle = None, None
+    for s0 in (1.0, -1.0):
+        for s1 in (1.0, -1.0):
+            e = em * torch.tensor([s0, s1], dtype=torch.float64)
+            r = e @ ef.T
+            if torch.det(r) < 0:
+                continue
+            angle = abs(float(torch.atan2(r[1, 0], r[0, 0])))
+            if best_angle is None or angle < best_angle:
+                best, best_angle = e, angle
+    scales = torch.sqrt(lm / lf).clamp(1 / max_scale, max_scale)
+    return (best @ torch.diag(scales) @ ef.T).float()
+
+
+def moments_affine(fixed: torch.Tensor, moving: torch.Tensor, max_scale: float = 1.6) -> torch.Tensor:
+    """4x4 map of fixed-grid voxel positions to moving-grid ones aligning foreground moments.
+
+    Centre of mass in 3D, slice-axis spread by a scale, in-plane principal axes by rotation and
+    scale: cheap, deterministic, and it brings hearts of different position/size/orientation
+    within reach of the deformable net.
+    """
+    cf, sf = moments(fixed)
+    cm, sm = moments(moving)
+    a = torch.eye(4)
+    sz = float(torch.sqrt(sm[0, 0].clamp(min=1e-6) / sf[0, 0].clamp(min=1e-6)))
+    a[0, 0] = float(np.clip(sz, 1 / max_scale, max_scale))
+    a[1:3, 1:3] = _inplane(sf[1:, 1:], sm[1:, 1:], max_scale)
+    a[:3, 3] = cm - a[:3, :3] @ cf
+    return a
+
+
+def apply_affine(a: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Affine [4,4] (or [B,4,4]) applied to positions [B,3,...]."""
+    b = pos.shape[0]
+    a = a.expand(b, 4, 4) if a.dim() == 2 else a
+    flat = pos.reshape(b, 3, -1)
+    out = a[:, :3, :3].to(pos) @ flat + a[:, :3, 3:].to(pos)
+    return out.reshape(pos.shape)
+
+
+def pair_affine(mode: str, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor | None:
+    """The configured pre-alignment (`registration.affine`) of one pair, or None for 'none'."""
+    if mode == "none":
+        return None
+    if mode == "moments":
+        return moments_affine(fixed, moving)
+    raise CctrError(f"registration.affine must be 'moments' or 'none', got '{mode}'")

@@ -1,0 +1,209 @@
+"""Registration stage end to end on a tiny synthetic dataset: train/resume, maps + cache, bad input, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cctr.config import RegistrationConfig
+from cctr.data.case import Case
+from cctr.data.datasets import SPECS, DatasetSpec, load_dataset, make_split, write_cache
+from cctr.errors import CctrError
+from cctr.registration import apply as reg_apply
+from cctr.registration import train as reg_train
+from cctr.registration.apply import maps_dir, registration_maps
+from cctr.registration.train import checkpoint_path, load_model, train_registration
+
+TINY = RegistrationConfig(grid=(8, 16, 16), channels=(4, 8, 8), int_steps=3, iters=4, batch_size=1, lr=1e-3)
+TOY, OTHER = "regtoy", "regtoy2"
+
+
+def _toy_case(i: int, rng: np.random.Generator) -> Case:
+    """A blob (class 1 shell around class 2 core) at a random position/size in a volume of varying shape."""
+    shape = (6 + i % 3, 20 + i % 4, 22 - i % 3)
+    z, y, x = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij")
+    c = np.array(shape) / 2 + rng.uniform(-1.5, 1.5, 3)
+    r = np.array([2.0, 6.0, 6.0]) * rng.uniform(0.8, 1.2)
+    d = ((z - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((x - c[2]) / r[2]) ** 2
+    label = np.where(d < 0.35, 2, np.where(d < 1.0, 1, 0)).astype(np.uint8)
+    image = (np.array([0.1, 0.5, 0.9], np.float32)[label] + rng.normal(0, 0.02, shape)).astype(np.float32)
+    return Case(f"t{i:02d}", image, label, (5.0, 1.5, 1.5))
+
+
+def _make(name: str, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    write_cache(SPECS[name], [_toy_case(i, rng) for i in range(8)], f"test:{name}")
+
+
+@pytest.fixture(scope="module")
+def toy(session_dirs):
+    """Two toy datasets in the session cache and a model trained on the first (done once)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CCTR_CACHE", str(session_dirs["cache"]))
+        mp.setenv("CCTR_MLRUNS", str(session_dirs["mlruns"]))
+        for n in (TOY, OTHER):
+            mp.setitem(SPECS, n, DatasetSpec(n, ("bg", "shell", "core"), "mri", (1, 2)))
+            _make(n, {TOY: 0, OTHER: 1}[n])
+        split = make_split(load_dataset(TOY), 1, 0)
+        ckpt = train_registration(TOY, TINY, split, progress=False)
+        yield {"split": split, "ckpt": ckpt, "mp": mp}
+
+
+def test_checkpoint_carries_config_and_reuses(toy):
+    model, ck = load_model(toy["ckpt"], TOY, TINY.grid)
+    assert ck["format"] == "cctr-registration" and ck["dataset"] == TOY and ck["iteration"] == TINY.iters
+    assert ck["config"]["channels"] == list(TINY.channels) and ck["train"] == toy["split"].train
+    before = toy["ckpt"].stat().st_mtime_ns
+    assert train_registration(TOY, TINY, toy["split"], progress=False) == toy["ckpt"]  # finished: reused
+    assert toy["ckpt"].stat().st_mtime_ns == before
+
+
+def test_training_resumes_after_interrupt(toy, monkeypatch):
+    cfg = dataclasses.replace(TINY, iters=5, seed=1)
+    calls = {"n": 0}
+    real = reg_train.grad_loss
+
+    def flaky(d):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(d)
+
+    monkeypatch.setattr(reg_train, "grad_loss", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        train_registration(TOY, cfg, toy["split"], progress=False)
+    path = checkpoint_path(TOY, cfg, toy["split"])
+    first = reg_train.load_checkpoint(path, reg_train.FORMAT)
+    assert first["iteration"] == 3
+    with pytest.raises(CctrError, match="unfinished registration model.*cctr register train --dataset regtoy"):
+        reg_train.find_checkpoint(TOY, cfg, toy["split"])
+    monkeypatch.setattr(reg_train, "grad_loss", real)
+    train_registration(TOY, cfg, toy["split"], progress=False)
+    done = reg_train.load_checkpoint(path, reg_train.FORMAT)
+    assert done["iteration"] == 5 and done["run_id"] == first["run_id"]
+    from cctr import tracking
+
+    run = tracking.client().get_run(done["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["stage"] == "registration"
+    steps = [m.step for m in tracking.client().get_metric_history(done["run_id"], "loss")]
+    assert steps == [5]  # one mean per 10 steps or at the end: the resumed run logs under one id
+
+
+def test_maps_shapes_range_and_cache_reuse(toy, monkeypatch):
+    split = toy["split"]
+    ds = load_dataset(TOY)
+    maps = registration_maps(TOY, TINY, split)
+    assert not maps.reused and set(maps) == set(split.train + split.val + split.test)
+    ref = ds.case(split.labeled[0])
+    for cid in maps:
+        m, case = maps[cid], ds.case(cid)
+        assert m.y_reg.shape == case.shape and m.y_reg.dtype == np.uint8 and m.y_reg.max() < 3
+        assert m.c_reg.dtype == np.float32 and 1 / 3 - 1e-6 <= m.c_reg.min() and m.c_reg.max() <= 1 + 1e-6
+        assert m.coords.shape == (*case.shape, 3) and m.coords.dtype == np.float32
+        # mm in the reference; points may map a little outside its field of view, not far
+        extent = (np.array(ref.shape) - 1) * np.array(ref.spacing)
+        flat = m.coords.reshape(-1, 3)
+        assert np.isfinite(flat).all()
+        assert (flat.min(0) >= -0.5 * extent).all() and (flat.max(0) <= 1.5 * extent).all()
+    # the reference case mapped onto itself: coordinates close to its own voxel positions in mm
+    own = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(ref.shape, ref.spacing)], indexing="ij"), -1)
+    assert np.abs(maps.coords(ref.case_id) - own).mean() < 1.0
+
+    def boom(*a, **k):
+        raise AssertionError("cache not reused")
+
+    monkeypatch.setattr(reg_apply.Registrar, "phi", boom)
+    again = registration_maps(TOY, TINY, split)
+    assert again.reused and again.root == maps.root
+    assert np.array_equal(again.y_reg(split.test[0]), maps.y_reg(split.test[0]))
+
+
+def test_interrupted_write_leaves_no_valid_cache(toy, monkeypatch):
+    split = make_split(load_dataset(TOY), 2, 0)  # another labeled set: another cache key
+    final = maps_dir(TOY, toy["ckpt"], split)
+    real, calls = reg_apply.fuse, {"n": 0}
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(reg_apply, "fuse", dying)
+    with pytest.raises(KeyboardInterrupt):
+        registration_maps(TOY, TINY, split)
+    assert not final.exists()
+    assert not [p for p in final.parent.iterdir() if p.name.startswith(f".{final.name}")]
+    monkeypatch.setattr(reg_apply, "fuse", real)
+    maps = registration_maps(TOY, TINY, split)
+    assert not maps.reused and len(list(final.glob("*.npz"))) == len(maps)
+
+
+def test_bad_inputs(toy, tmp_path):
+    split = toy["split"]
+    untrained = dataclasses.replace(TINY, iters=7)
+    with pytest.raises(CctrError, match=r"no registration model for dataset 'regtoy' \(grid 8x16x16\).*"
+                                        r"`cctr register train --dataset regtoy`"):
+        registration_maps(TOY, untrained, split)
+    other_split = make_split(load_dataset(OTHER), 1, 0)
+    with pytest.raises(CctrError, match="checkpoint is for dataset 'regtoy', not 'regtoy2'"):
+        registration_maps(OTHER, TINY, other_split, checkpoint=toy["ckpt"])
+    with pytest.raises(CctrError, match="uses grid 8x16x16, the config asks for 8x16x24"):
+        registration_maps(TOY, dataclasses.replace(TINY, grid=(8, 16, 24)), split, checkpoint=toy["ckpt"])
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_text("not a checkpoint")
+    with pytest.raises(CctrError, match="bogus.pt"):
+        registration_maps(TOY, TINY, split, checkpoint=bogus)
+    # a NaN sneaking into a cached image: one clear error, no cache written
+    ds = load_dataset(TOY)
+    victim = split.test[0]
+    path = ds.root / "cases" / f"{victim}.npz"
+    keep = path.read_bytes()
+    with np.load(path) as z:
+        arrays = dict(z)
+    arrays["image"][0, 0, 0] = np.nan
+    np.savez(path, **arrays)
+    try:
+        split3 = make_split(ds, 3, 0)
+        with pytest.raises(CctrError, match=f"regtoy:{victim}: image contains NaN"):
+            registration_maps(TOY, TINY, split3)
+        assert not maps_dir(TOY, toy["ckpt"], split3).exists()
+    finally:
+        path.write_bytes(keep)
+
+
+def test_cli_report_json_and_untrained_error(toy):
+    from cctr.cli.register import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["report", "--dataset", TOY, "--labeled", "1", "--json", "--checkpoint",
+                              str(toy["ckpt"]), "--set", "registration.grid=[8,16,16]"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    for k in ("dice_reg", "dice_identity", "dice_tvl1", "neg_jacobian_frac", "pair_s", "pair_s_tvl1"):
+        assert isinstance(out[k], float) and out[k] == out[k]
+    assert 0 <= out["neg_jacobian_frac"] <= 1 and out["pair_s"] > 0 and out["pair_s_tvl1"] > 0
+    assert 0 <= out["dice_identity"] <= 1 and 0 < out["dice_reg"] <= 1
+    res = runner.invoke(app, ["apply", "--dataset", TOY, "--labeled", "1", "--set", "registration.iters=9",
+                              "--set", "registration.grid=[8,16,16]"])
+    assert isinstance(res.exception, CctrError) and "cctr register train --dataset regtoy" in str(res.exception)
+
+
+def test_optional_dice_term_and_mse(toy):
+    ds = load_dataset(TOY)
+    cfg = dataclasses.replace(TINY, dice_weight=1.0, similarity="mse", iters=2, affine="none")
+    with pytest.raises(CctrError, match="dice_weight > 0 needs >= 2 labeled"):
+        train_registration(TOY, cfg, toy["split"], progress=False)
+    split2 = make_split(ds, 2, 0)
+    ck = reg_train.load_checkpoint(train_registration(TOY, cfg, split2, progress=False), reg_train.FORMAT)
+    assert sorted(ck["labeled"]) == sorted(split2.labeled)
+    from cctr import tracking
+
+    hist = tracking.client().get_metric_history(ck["run_id"], "loss_dice")
+    assert len(hist) == 1 and 0 <= hist[0].value <= 1
+    with pytest.raises(CctrError, match="registration.similarity must be"):
+        train_registration(TOY, dataclasses.replace(TINY, similarity="l1"), split2, progress=False)
