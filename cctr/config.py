@@ -172,17 +172,23 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     return from_dict(RunConfig, d)
 
 
+def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML mapping, or one clear CctrError (missing file, bad syntax, not a mapping)."""
+    p = Path(path)
+    if not p.exists():
+        raise CctrError(f"{what} not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise CctrError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise CctrError(f"{p}: expected a mapping at the top level")
+    return raw
+
+
 def load_config(path: str | Path | None, preset: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """YAML base, then `presets.<preset>` from the same file, then overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise CctrError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise CctrError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
     presets = raw.pop("presets", {}) or {}
     preset = preset or raw.get("preset", "quick")
     if presets:

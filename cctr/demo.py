@@ -18,7 +18,8 @@ DATASET = "phantom-cardiac"
 LABELED = [1, 2, 4]
 TRIALS = 2
 # shorter than the quick preset so that three studies fit in ~20 minutes on 2 CPU cores
-DEMO_SET = ["train.iters=300", "train.val_every=100", "train.ramp_iters=100"]
+DEMO_SET = ["data.size=64", "train.iters=200", "train.val_every=100", "train.ramp_iters=100",
+            "train.batch_labeled=2", "train.batch_unlabeled=2"]
 
 
 def main() -> int:

@@ -28,7 +28,7 @@ def resolve_checkpoint(target: str) -> Path:
 def evaluate(target: str, split: str = "test", convention: str = "strict") -> dict:
     from cctr.data.datasets import load_dataset, make_split
     from cctr.runs import run_dir_for
-    from cctr.train import _write_rows, evaluate_predictions, load_nets, predict_cases
+    from cctr.train import write_rows, evaluate_predictions, load_nets, predict_cases
 
     if convention not in CONVENTIONS:
         raise CctrError(f"unknown convention '{convention}'; known: {', '.join(CONVENTIONS)}")
@@ -42,7 +42,7 @@ def evaluate(target: str, split: str = "test", convention: str = "strict") -> di
     preds = predict_cases(nets, ds, ids, cfg.data.size, next(nets[0].parameters()).device)
     rows, summ = evaluate_predictions({c: p["ens"] for c, p in preds.items()}, ds, convention)
     csv_path = run_dir_for(cfg) / f"eval_{split}_{convention}_{ckpt.stem}.csv"
-    _write_rows(csv_path, rows)
+    write_rows(csv_path, rows)
     per_class = {}
     for name in ds.spec.class_names[1:]:
         sel = [r for r in rows if r["class"] == name]

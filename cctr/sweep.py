@@ -14,11 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from optuna.exceptions import ExperimentalWarning
 
-from cctr.config import RunConfig, apply_overrides, flatten
+from cctr.config import RunConfig, apply_overrides, flatten, read_yaml
 from cctr.errors import CctrError
 from cctr.paths import mlruns_root
+
+# heartbeats, stale-trial retries and the matplotlib plots are "experimental" in Optuna; we rely on them
+warnings.filterwarnings("ignore", category=ExperimentalWarning)
 
 PARAM_TYPES = ("float", "int", "categorical")
 
@@ -55,12 +58,7 @@ class Space:
 def load_space(path: str | Path) -> Space:
     """Read and validate `sweeps/*.yaml`; unknown parameters and empty ranges are one-line errors."""
     p = Path(path)
-    if not p.exists():
-        raise CctrError(f"search space not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise CctrError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    raw = read_yaml(p, "search space")
     known = flatten(RunConfig())
     params = []
     for name, d in (raw.get("params") or {}).items():
@@ -131,9 +129,7 @@ def make_storage(url: str, heartbeat_s: int):
     """An RDB storage with heartbeats: a killed worker's trial becomes FAIL and is retried."""
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "experimental" in Optuna; we rely on it knowingly
-        retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
 
     def on_stale(study, trial) -> None:
         _close_orphan_run(trial)
@@ -147,10 +143,8 @@ def make_storage(url: str, heartbeat_s: int):
         engine["connect_args"] = {"connect_timeout": 10}
     for attempt in range(5):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
-                                  grace_period=2 * heartbeat_s, heartbeat_stale_trial_callback=on_stale)
+            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
+                              grace_period=2 * heartbeat_s, heartbeat_stale_trial_callback=on_stale)
         except (ImportError, ModuleNotFoundError) as e:
             raise CctrError(f"storage {_redact(url)}: driver missing ({e}); install the 'distributed' extra") from None
         except Exception as e:  # sqlalchemy OperationalError, ArgumentError, ...

@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from cctr.atomic import atomic_file
 from cctr.checkpoint import config_hash
-from cctr.config import RunConfig, apply_overrides, load_config, to_dict
+from cctr.config import RunConfig, apply_overrides, load_config, read_yaml, to_dict
 from cctr.errors import CctrError
 
 
@@ -32,9 +31,7 @@ class Table1Spec:
 
 
 def load_table_spec(path: Path, preset: str | None = None, seeds: int | None = None) -> Table1Spec:
-    if not path.exists():
-        raise CctrError(f"table spec not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path, "table spec")
     from cctr.train import get_method
 
     for m in raw.get("methods", []):

@@ -253,7 +253,11 @@ def evaluate_predictions(preds: dict[str, np.ndarray], ds, convention: str = "st
         for k in range(1, spec.num_classes):
             rows.append({"case": cid, "class": spec.class_names[k], "dice": float(m["dice"][k - 1]),
                          "hd95": float(m["hd95"][k - 1]), "asd": float(m["asd"][k - 1])})
-    return rows, summarize(per_case)
+    summ = summarize(per_case)
+    for metric in ("dice", "hd95"):  # per-class means as plain floats: logged, and Table 1's CSV
+        for k, name in enumerate(spec.class_names[1:]):
+            summ[f"{metric}_{name}"] = float(summ[f"{metric}_per_class"][k])
+    return rows, summ
 
 
 def pseudo_label_quality(nets, data: RunData, size: int, device, max_cases: int = 4) -> dict[str, float]:
@@ -366,7 +370,7 @@ def _evaluate_reg_only(data: RunData, run, run_dir: Path) -> dict[str, float]:
     preds = {cid: data.reg.y_reg(cid) for cid in data.split.test}
     rows, summ = evaluate_predictions(preds, data.ds)
     metrics = {f"test_{k}": v for k, v in summ.items() if isinstance(v, float)}
-    _write_rows(run_dir / "test_per_case.csv", rows)
+    write_rows(run_dir / "test_per_case.csv", rows)
     run.log_artifact(run_dir / "test_per_case.csv")
     run.log_metrics(metrics, 0)
     return metrics
@@ -459,7 +463,7 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
                 if on_validation is not None:
                     on_validation(state.iteration, last_val)
             if prog:
-                prog.update(state.iteration, float(total), last_val)
+                prog.update(state.iteration, total.item(), last_val)
         if state.iteration < t.iters:  # stopped early on purpose: keep an exact resume point
             save_checkpoint(last_path, checkpoint_payload(cfg, nets, opt, bank, state, run.run_id, scaler))
             return {"iteration": float(state.iteration)}
@@ -495,7 +499,7 @@ def _final_report(cfg, data: RunData, run, run_dir: Path, device, state: StepSta
         preds = predict_cases(nets, data.ds, data.split.test, cfg.data.size, device)
         rows, summ = evaluate_predictions({c: p["ens"] for c, p in preds.items()}, data.ds)
         csv_path = run_dir / f"test_per_case_{tag}.csv"
-        _write_rows(csv_path, rows)
+        write_rows(csv_path, rows)
         run.log_artifact(csv_path)
         prefix = "test" if tag == "best" else "test_last"
         out.update({f"{prefix}_{k}": v for k, v in summ.items() if isinstance(v, float)})
@@ -511,7 +515,7 @@ def _final_report(cfg, data: RunData, run, run_dir: Path, device, state: StepSta
     return out
 
 
-def _write_rows(path: Path, rows: list[dict]) -> None:
+def write_rows(path: Path, rows: list[dict]) -> None:
     from cctr.atomic import atomic_file
 
     with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:

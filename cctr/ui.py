@@ -26,12 +26,8 @@ def serve(host: str, port: int, log: Callable[[str], None] = print) -> int:
     tracking.client()  # creates the store (schema) if this is a fresh checkout
     log(f"MLflow UI: http://{host}:{port}  (store {tracking.tracking_uri()}; Ctrl-C to stop)")
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking.tracking_uri())
+    # own process group, so stopping us (Ctrl-C, or SIGTERM via the CLI) stops every server process
     proc = subprocess.Popen(ui_command(host, port), env=env, start_new_session=True)
-
-    def stop(*_):  # SIGTERM to us stops the server's whole process group, no orphans
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
     try:
         return proc.wait()
     except KeyboardInterrupt:

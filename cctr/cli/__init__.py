@@ -6,6 +6,7 @@ error contract (user errors: one stderr line, exit 2, no traceback).
 
 from __future__ import annotations
 
+import signal
 import sys
 
 import typer
@@ -47,6 +48,10 @@ def bench(as_json: bool = typer.Option(False, "--json")) -> None:
     out.print(t)
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Entry point: user errors become one stderr line and exit 2, never a traceback."""
     import warnings
@@ -57,6 +62,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", module="optuna")
+    signal.signal(signal.SIGTERM, _terminate)  # `kill` ends MLflow runs KILLED, like Ctrl-C
     try:
         app(standalone_mode=False)
     except CctrError as e:

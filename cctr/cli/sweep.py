@@ -47,18 +47,18 @@ def sweep_cmd(
 
 
 def print_sweep_table(dataset: str, results) -> None:
-    t = Table(title=f"sweep: {dataset}")
-    for col in ("labeled", "study", "complete", "pruned", "failed", "best trial", "val Dice", "test Dice",
-                "test HD95", "best params"):
-        t.add_column(col)
+    t = Table(title=f"sweep: {dataset} (best trial per labeled count)")
+    for col in ("labeled", "complete/pruned/failed", "best trial", "val Dice", "test Dice", "test HD95 mm"):
+        t.add_column(col, justify="right")
     for r in results:
         b = r.best or {}
-        params = ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
-                           for k, v in b.get("params", {}).items())
-        t.add_row(str(r.labeled), r.study_name, str(r.n_complete), str(r.n_pruned), str(r.n_failed),
-                  str(b.get("trial", "-")), _f(b.get("val_dice")), _f(b.get("test_dice")), _f(b.get("test_hd95"), 2),
-                  params)
+        t.add_row(str(r.labeled), f"{r.n_complete}/{r.n_pruned}/{r.n_failed}", str(b.get("trial", "-")),
+                  _f(b.get("val_dice")), _f(b.get("test_dice")), _f(b.get("test_hd95"), 2))
     out.print(t)
+    for r in results:
+        params = ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                           for k, v in (r.best or {}).get("params", {}).items())
+        out.print(f"  {r.study_name}: {params or '-'}")
 
 
 def _f(v, nd: int = 4) -> str:

@@ -237,7 +237,7 @@ def train_registration(dataset: str, cfg: RegistrationConfig, split: Split | Non
                 if it % every == 0 and it < cfg.iters:
                     save(it, run.run_id)
                 if bar:
-                    bar.update(task, completed=it, description=f"registration {dataset} loss {float(loss):.4f}")
+                    bar.update(task, completed=it, description=f"registration {dataset} loss {loss.item():.4f}")
         except KeyboardInterrupt:
             if it > start:
                 save(it, run.run_id)
