@@ -175,6 +175,7 @@ def loss_terms(cfg: RunConfig, method: Method, nets, batch: dict, bank, it: int,
     if method.rsl:
         yr = batch["y_reg"].to(device).long()[b_l:]
         cr = batch["c_reg"].to(device).float()[b_l:].reshape(yr.shape)
+        cr = cr * batch["valid"].to(device)[b_l:]  # pixels rotated in from outside the slice carry no label
         terms["rsl"] = sum(L.rsl_loss(lg, yr, cr, t.conf_threshold, C) for lg in (la, lb))
     if method.con:
         terms["con"] = contrastive_term(cfg, method, outs, logits, y, batch, bank, gen, device)
