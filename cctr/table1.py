@@ -36,9 +36,11 @@ def load_table_spec(path: Path, preset: str | None = None, seeds: int | None = N
 
     for m in raw.get("methods", []):
         get_method(m)
-    spec = Table1Spec(path.stem, raw["config"], preset or raw.get("preset", "quick"), list(raw["methods"]),
+    preset = preset or raw.get("preset", "quick")
+    sets = raw.get("set") or {}  # overrides per preset: the CPU default must not cripple `paper`
+    spec = Table1Spec(path.stem, str(raw["config"]), preset, list(raw["methods"]),
                       [int(x) for x in raw["labeled"]], [int(x) for x in raw.get("seeds", [0])],
-                      list(raw.get("set", [])))
+                      list(sets.get(preset, []) if isinstance(sets, dict) else sets))
     if seeds is not None:
         if seeds < 1:
             raise CctrError(f"SEEDS must be >= 1, got {seeds}")
