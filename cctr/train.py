@@ -159,11 +159,11 @@ def loss_terms(cfg: RunConfig, method: Method, nets, batch: dict, bank, it: int,
     from cctr import losses as L
 
     t = cfg.train
-    C = cfg_num_classes(cfg)
     b_l = t.batch_labeled
     img = batch["image"].to(device, non_blocking=True)
     outs = [net(img) for net in nets]
     logits = [o["logits"] for o in outs]
+    C = logits[0].shape[1]  # the nets know their class count; no dataset lookup on the hot path
     y = batch["label"].to(device).long()
     terms: dict[str, torch.Tensor] = {}
     terms["sup"] = sum(L.dice_ce(lg[:b_l], y[:b_l], C) for lg in logits)
