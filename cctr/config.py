@@ -30,6 +30,9 @@ class DataConfig:
 @dataclass
 class RegistrationConfig:
     grid: tuple[int, int, int] = (16, 64, 64)  # (Z,H,W) registration grid
+    # physical extent (mm) the grid spans per axis, centred on the volume; 0 = the whole extent.
+    # A fixed in-plane FOV gives every case one physical scale on the grid (FOVs and spacings vary).
+    fov_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
     channels: tuple[int, ...] = (8, 16, 16, 16)  # U-Net encoder widths
     int_steps: int = 7  # scaling-and-squaring steps; 0 = plain displacement
     downsize: int = 2  # velocity predicted + integrated at grid/downsize (CPU speed), then upsampled

@@ -8,7 +8,7 @@ import torch
 from scipy.ndimage import map_coordinates
 
 from cctr.errors import CctrError
-from cctr.registration.grid import identity, moments_affine, onehot, sample
+from cctr.registration.grid import grid_map, identity, moments_affine, on_grid, onehot, sample
 from cctr.registration.losses import dice_loss, grad_loss, ncc_loss
 from cctr.registration.net import RegNet, integrate, jacobian_det, warp
 
@@ -142,3 +142,28 @@ def test_moments_affine_undoes_inplane_rotation_and_scale():
         return 2 * (p & q).sum() / (p.sum() + q.sum())
 
     assert dice(aligned, fixed > 0.5) > 0.9 > dice(moving > 0.5, fixed > 0.5) + 0.3
+
+
+def test_grid_map_fov_gives_one_physical_scale():
+    """With fov_mm, grid voxels are the same mm apart in every case and centred on the volume."""
+    grid = (4, 16, 16)
+    a = grid_map((10, 120, 100), (9.0, 1.5, 1.25), grid, (0.0, 150.0, 150.0))
+    b = grid_map((12, 90, 140), (8.0, 2.0, 1.0), grid, (0.0, 150.0, 150.0))
+    for m, shape, sp in ((a, (10, 120, 100), (9.0, 1.5, 1.25)), (b, (12, 90, 140), (8.0, 2.0, 1.0))):
+        step_mm = m.scale * torch.tensor(sp)
+        assert torch.allclose(step_mm[1:], torch.full((2,), 10.0))  # 150 mm / 15 steps
+        centre = m.to_native(torch.tensor([1.5, 7.5, 7.5]).view(3, 1, 1, 1)).flatten()
+        assert torch.allclose(centre, (torch.tensor(shape, dtype=torch.float32) - 1) / 2)
+        # no FOV along z: the grid spans the whole stack, corners aligned
+        assert m.to_native(torch.tensor([3.0, 0, 0]).view(3, 1, 1, 1)).flatten()[0] == shape[0] - 1
+    pos = identity(grid)[None]
+    assert torch.allclose(a.to_grid(a.to_native(pos)), pos, atol=1e-5)
+
+
+def test_on_grid_matches_map_coordinates():
+    vol = _smooth_image((6, 40, 30), seed=3)
+    m = grid_map(vol.shape, (5.0, 1.2, 1.6), (5, 12, 12), (0.0, 30.0, 30.0))
+    ours = on_grid(torch.from_numpy(vol)[None], m, (5, 12, 12))[0].numpy()
+    pos = m.to_native(identity((5, 12, 12))).numpy()
+    ref = map_coordinates(vol, pos, order=1, mode="nearest")
+    assert np.abs(ours - ref).max() < 1e-4

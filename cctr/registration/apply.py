@@ -24,7 +24,7 @@ from cctr.data.case import Case
 from cctr.data.datasets import Dataset, Split, load_dataset
 from cctr.errors import CctrError
 from cctr.paths import cache_root
-from cctr.registration.grid import grid_image, identity, pair_affine, sample, scale_between
+from cctr.registration.grid import case_map, grid_image, identity, pair_affine, sample
 from cctr.registration.net import RegNet, register_pair
 from cctr.registration.train import _progress, check_config, device, find_checkpoint, load_model
 
@@ -106,7 +106,8 @@ class Registrar:
 
     def image(self, case_id: str) -> torch.Tensor:
         if case_id not in self._grid:
-            self._grid[case_id] = grid_image(self.ds.case(case_id), self.cfg.grid, f"{self.ds.name}:{case_id}")
+            self._grid[case_id] = grid_image(self.ds.case(case_id), self.cfg.grid, f"{self.ds.name}:{case_id}",
+                                             self.cfg.fov_mm)
         return self._grid[case_id]
 
     def affine(self, moving: str, fixed: str) -> torch.Tensor | None:
@@ -122,7 +123,7 @@ class Registrar:
         return p[0].cpu()
 
 
-def transfer(phi: torch.Tensor, target_shape: tuple[int, int, int], atlas: Case, num_classes: int
+def transfer(phi: torch.Tensor, target: Case, atlas: Case, num_classes: int, fov_mm: tuple[float, ...]
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Warp the atlas one-hot to the target's native grid through a grid-level map `phi`.
 
@@ -130,20 +131,20 @@ def transfer(phi: torch.Tensor, target_shape: tuple[int, int, int], atlas: Case,
     Labels are sampled at the atlas' own native resolution: no label detail is lost to the grid.
     """
     grid = tuple(phi.shape[1:])
-    g = identity(target_shape) * scale_between(target_shape, grid)[:, None, None, None]
-    pos = sample(phi[None], g[None])[0] * scale_between(grid, atlas.shape)[:, None, None, None]
+    g = case_map(target, grid, fov_mm).to_grid(identity(target.shape))
+    pos = case_map(atlas, grid, fov_mm).to_native(sample(phi[None], g[None])[0])
     lab = torch.from_numpy(np.asarray(atlas.label, dtype=np.int64))
     probs = torch.cat([sample((lab == c).float()[None, None], pos[None]) for c in range(num_classes)], dim=1)[0]
     return probs, pos
 
 
-def fuse(phis: dict[str, torch.Tensor], target: Case, ds: Dataset, reference: str
+def fuse(phis: dict[str, torch.Tensor], target: Case, ds: Dataset, reference: str, fov_mm: tuple[float, ...]
          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(y_reg, c_reg, coords) of a target from the maps phi_{L->target} of every labeled case L."""
     acc, coords = None, None
     for lid, phi in phis.items():
         atlas = ds.case(lid)
-        probs, pos = transfer(phi, target.shape, atlas, ds.spec.num_classes)
+        probs, pos = transfer(phi, target, atlas, ds.spec.num_classes, fov_mm)
         acc = probs if acc is None else acc + probs
         if lid == reference:
             sp = torch.tensor(atlas.spacing, dtype=torch.float32)[:, None, None, None]
@@ -187,7 +188,7 @@ def registration_maps(dataset: str, cfg: RegistrationConfig, split: Split, check
         task = bar.add_task(f"label transfer {dataset}", total=len(ids)) if bar else None
         for vid in ids:
             phis = {lid: reg.phi(lid, vid) for lid in split.labeled}
-            y, c, coords = fuse(phis, ds.case(vid), ds, reference)
+            y, c, coords = fuse(phis, ds.case(vid), ds, reference, reg.cfg.fov_mm)
             np.savez(tmp / f"{vid}.npz", y_reg=y, c_reg=c, coords=coords)
             if bar:
                 bar.advance(task)

@@ -1,8 +1,10 @@
 """The registration grid: resampling volumes to it and back, and the moments pre-alignment.
 
 Positions are voxel indices (z, y, x) of the volume they refer to. Grid and native indices are
-related by the align-corners convention (first and last voxel centres coincide), so a field on the
-grid maps to any native grid by a per-axis scale and nothing is shifted by half a voxel.
+related per axis by `native = scale * grid + offset` (`GridMap`): along an axis with no field of
+view the grid spans the whole volume (align-corners: first and last voxel centres coincide, nothing
+shifted by half a voxel); with `fov_mm` it spans that many millimetres centred on the volume, so
+every case has the same physical scale on the grid.
 """
 
 from __future__ import annotations
@@ -11,10 +13,51 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from typing import NamedTuple
+
 from cctr.data.case import Case
 from cctr.errors import CctrError
 
 Shape3 = tuple[int, int, int]
+
+
+class GridMap(NamedTuple):
+    """native voxel index = scale * grid voxel index + offset, per axis (z, y, x)."""
+
+    scale: torch.Tensor  # [3]
+    offset: torch.Tensor  # [3]
+
+    def to_native(self, pos: torch.Tensor) -> torch.Tensor:
+        """Grid positions [3,Z,H,W] or [B,3,Z,H,W] -> native positions."""
+        return pos * self.scale.to(pos).view(3, 1, 1, 1) + self.offset.to(pos).view(3, 1, 1, 1)
+
+    def to_grid(self, pos: torch.Tensor) -> torch.Tensor:
+        """Native positions [3,Z,H,W] or [B,3,Z,H,W] -> grid positions."""
+        return (pos - self.offset.to(pos).view(3, 1, 1, 1)) / self.scale.to(pos).view(3, 1, 1, 1)
+
+
+def grid_map(shape: tuple[int, ...], spacing: tuple[float, ...], grid: Shape3,
+             fov_mm: tuple[float, ...] = (0.0, 0.0, 0.0)) -> GridMap:
+    """The map between a volume of `shape`/`spacing` and the registration grid (module docstring)."""
+    scale, offset = [], []
+    for n, sp, g, fov in zip(shape, spacing, grid, fov_mm):
+        if fov > 0:
+            s = fov / max(g - 1, 1) / sp
+            scale.append(s)
+            offset.append((n - 1) / 2 - s * (g - 1) / 2)
+        else:
+            scale.append((n - 1) / max(g - 1, 1))
+            offset.append(0.0)
+    return GridMap(torch.tensor(scale, dtype=torch.float32), torch.tensor(offset, dtype=torch.float32))
+
+
+def case_map(case: Case, grid: Shape3, fov_mm: tuple[float, ...]) -> GridMap:
+    return grid_map(tuple(case.shape), tuple(case.spacing), grid, fov_mm)
+
+
+def on_grid(vol: torch.Tensor, m: GridMap, grid: Shape3) -> torch.Tensor:
+    """[C,Z,H,W] native volume sampled (linearly) at every grid voxel, [C,*grid]."""
+    return sample(vol[None].float(), m.to_native(identity(grid))[None])[0]
 
 
 def check_grid(grid: Shape3) -> Shape3:
@@ -44,11 +87,6 @@ def sample(vol: torch.Tensor, pos: torch.Tensor, mode: str = "linear") -> torch.
                          padding_mode="border", align_corners=True)
 
 
-def resample(vol: torch.Tensor, shape: Shape3) -> torch.Tensor:
-    """Trilinear resampling of [C,Z,H,W] to `shape` (align-corners, matching `native_to_grid`)."""
-    return F.interpolate(vol[None].float(), size=tuple(shape), mode="trilinear", align_corners=True)[0]
-
-
 def onehot(label: np.ndarray | torch.Tensor, num_classes: int) -> torch.Tensor:
     lab = torch.as_tensor(np.asarray(label), dtype=torch.long)
     return F.one_hot(lab, num_classes).permute(3, 0, 1, 2).float()
@@ -59,14 +97,15 @@ def scale_between(src: Shape3 | tuple[int, ...], dst: Shape3 | tuple[int, ...]) 
     return torch.tensor([(d - 1) / max(s - 1, 1) for s, d in zip(src, dst)], dtype=torch.float32)
 
 
-def grid_image(case: Case, grid: Shape3, source: str) -> torch.Tensor:
+def grid_image(case: Case, grid: Shape3, source: str, fov_mm: tuple[float, ...] = (0.0, 0.0, 0.0)
+               ) -> torch.Tensor:
     """Image on the registration grid, [1,Z,H,W], robustly scaled to [0,1]; NaN is a user error."""
     img = np.asarray(case.image, dtype=np.float32)
     if img.ndim != 3:
         raise CctrError(f"{source}: expected a 3D image, got shape {img.shape}")
     if not np.all(np.isfinite(img)):
         raise CctrError(f"{source}: image contains NaN or inf values")
-    g = resample(torch.from_numpy(img)[None], grid)
+    g = on_grid(torch.from_numpy(img)[None], case_map(case, grid, fov_mm), grid)
     lo, hi = torch.quantile(g.flatten(), torch.tensor([0.005, 0.995])).tolist()
     if hi <= lo:
         return torch.zeros_like(g)

@@ -19,7 +19,7 @@ from cctr.config import RegistrationConfig, flatten, from_dict, to_dict
 from cctr.data.datasets import Dataset, Split, load_dataset, make_split
 from cctr.errors import CctrError
 from cctr.paths import cache_root
-from cctr.registration.grid import check_grid, grid_image, onehot, pair_affine, resample, sample
+from cctr.registration.grid import case_map, check_grid, grid_image, on_grid, onehot, pair_affine, sample
 from cctr.registration.losses import dice_loss, grad_loss, similarity
 from cctr.registration.net import RegNet, register_pair
 
@@ -33,6 +33,8 @@ def check_config(cfg: RegistrationConfig) -> None:
         raise CctrError(f"registration.similarity must be 'ncc' or 'mse', got '{cfg.similarity}'")
     if cfg.affine not in ("moments", "none"):
         raise CctrError(f"registration.affine must be 'moments' or 'none', got '{cfg.affine}'")
+    if len(cfg.fov_mm) != 3 or min(cfg.fov_mm) < 0:
+        raise CctrError(f"registration.fov_mm must be three extents >= 0 (mm; 0 = whole volume), got {cfg.fov_mm}")
     if not cfg.channels or min(cfg.channels) < 1:
         raise CctrError(f"registration.channels must be positive widths, got {cfg.channels}")
     for name in ("iters", "batch_size", "ncc_window"):
@@ -113,10 +115,11 @@ def device() -> torch.device:
 def _grid_data(ds: Dataset, ids: list[str], cfg: RegistrationConfig, with_labels: bool
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Images [N,1,Z,H,W] (and one-hot labels [N,C,...]) of `ids` on the registration grid."""
-    imgs = torch.stack([grid_image(ds.case(c), cfg.grid, f"{ds.name}:{c}") for c in ids])
+    imgs = torch.stack([grid_image(ds.case(c), cfg.grid, f"{ds.name}:{c}", cfg.fov_mm) for c in ids])
     if not with_labels:
         return imgs, None
-    labs = torch.stack([resample(onehot(ds.case(c).label, ds.spec.num_classes), cfg.grid) for c in ids])
+    labs = torch.stack([on_grid(onehot(ds.case(c).label, ds.spec.num_classes),
+                                case_map(ds.case(c), cfg.grid, cfg.fov_mm), cfg.grid) for c in ids])
     return imgs, labs
 
 
