@@ -23,12 +23,14 @@ DEMO_SET = ["data.size=64", "train.iters=200", "train.val_every=100", "train.ram
 
 
 def main() -> int:
+    from cctr.cli import quiet_libraries
     from cctr.cli.sweep import print_sweep_table
     from cctr.config import load_config
     from cctr.data.prepare import dataset_stats
     from cctr.registration.train import ensure_registration
     from cctr.sweep import load_space, run_sweep
 
+    quiet_libraries()
     t0 = time.time()
     try:
         console.print(f"[bold]1/3 data[/]: building {DATASET} (cached after the first run)")

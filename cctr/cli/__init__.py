@@ -52,16 +52,23 @@ def _terminate(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def main() -> None:
-    """Entry point: user errors become one stderr line and exit 2, never a traceback."""
+def quiet_libraries() -> None:
+    """Library chatter is not for users of the CLI: stderr carries progress and errors only."""
+    import os
     import warnings
 
-    import click
-
-    # library deprecation chatter is not for users of the CLI: stderr carries progress and errors only
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", module="optuna")
+    # read when mlflow is imported (lazily, later): hides "Creating initial MLflow database tables..."
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+
+def main() -> None:
+    """Entry point: user errors become one stderr line and exit 2, never a traceback."""
+    import click
+
+    quiet_libraries()
     signal.signal(signal.SIGTERM, _terminate)  # `kill` ends MLflow runs KILLED, like Ctrl-C
     try:
         app(standalone_mode=False)
