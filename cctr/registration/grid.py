@@ -9,11 +9,11 @@ every case has the same physical scale on the grid.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from typing import NamedTuple
 
 from cctr.data.case import Case
 from cctr.errors import CctrError
@@ -58,6 +58,11 @@ def case_map(case: Case, grid: Shape3, fov_mm: tuple[float, ...]) -> GridMap:
 def on_grid(vol: torch.Tensor, m: GridMap, grid: Shape3) -> torch.Tensor:
     """[C,Z,H,W] native volume sampled (linearly) at every grid voxel, [C,*grid]."""
     return sample(vol[None].float(), m.to_native(identity(grid))[None])[0]
+
+
+def grid_label(case: Case, num_classes: int, grid: Shape3, fov_mm: tuple[float, ...]) -> torch.Tensor:
+    """The case's one-hot label on the registration grid (linear: soft at boundaries), [C,*grid]."""
+    return on_grid(onehot(case.label, num_classes), case_map(case, grid, fov_mm), grid)
 
 
 def check_grid(grid: Shape3) -> Shape3:

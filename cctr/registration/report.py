@@ -18,7 +18,7 @@ from cctr.data.datasets import load_dataset, make_split
 from cctr.errors import CctrError
 from cctr.metrics import dice_per_class
 from cctr.registration.apply import Registrar, fuse, registration_maps
-from cctr.registration.grid import apply_affine, case_map, identity, on_grid, onehot, sample
+from cctr.registration.grid import apply_affine, grid_label, identity, sample
 from cctr.registration.net import jacobian_det
 from cctr.registration.train import _progress, find_checkpoint, load_model
 
@@ -84,10 +84,10 @@ def registration_report(dataset: str, cfg: RegistrationConfig, n_labeled: int, s
                 total += jac.numel()
                 first = first or (lid, vid, ours[lid])
             ident = {lid: identity(tuple(cfg.grid)) for lid in split.labeled}
-            ref = split.labeled[0]
+            ref, fov = split.labeled[0], reg.cfg.fov_mm
             dice["reg"].append(dice_per_class(maps.y_reg(vid), target.label, C))
-            dice["identity"].append(dice_per_class(fuse(ident, target, ds, ref, reg.cfg.fov_mm)[0], target.label, C))
-            dice["tvl1"].append(dice_per_class(fuse(tv, target, ds, ref, reg.cfg.fov_mm)[0], target.label, C))
+            dice["identity"].append(dice_per_class(fuse(ident, target, ds, ref, fov)[0], target.label, C))
+            dice["tvl1"].append(dice_per_class(fuse(tv, target, ds, ref, fov)[0], target.label, C))
             if bar:
                 bar.advance(task)
     n_pairs = len(unl) * len(split.labeled)
@@ -114,13 +114,9 @@ def figure(reg: Registrar, ds, lid: str, vid: str, phi: torch.Tensor):
     grid = tuple(phi.shape[1:])
     fix, mov = reg.image(vid)[0], reg.image(lid)[0]
     warped = sample(mov[None, None], phi[None])[0, 0]
-    C = ds.spec.num_classes
-    def grid_label(cid: str) -> torch.Tensor:
-        case = ds.case(cid)
-        return on_grid(onehot(case.label, C), case_map(case, grid, reg.cfg.fov_mm), grid)
-
-    lab_f = grid_label(vid).argmax(0)
-    lab_w = sample(grid_label(lid)[None], phi[None])[0].argmax(0)
+    C, fov = ds.spec.num_classes, reg.cfg.fov_mm
+    lab_f = grid_label(ds.case(vid), C, grid, fov).argmax(0)
+    lab_w = sample(grid_label(ds.case(lid), C, grid, fov)[None], phi[None])[0].argmax(0)
     z = grid[0] // 2
     fig, ax = plt.subplots(1, 5, figsize=(20, 4.4))
     for a, img, title in zip(ax[:3], (fix, mov, warped), (f"fixed {vid}", f"moving {lid}", "warped moving")):

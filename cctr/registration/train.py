@@ -19,7 +19,7 @@ from cctr.config import RegistrationConfig, flatten, from_dict, to_dict
 from cctr.data.datasets import Dataset, Split, load_dataset, make_split
 from cctr.errors import CctrError
 from cctr.paths import cache_root
-from cctr.registration.grid import case_map, check_grid, grid_image, on_grid, onehot, pair_affine, sample
+from cctr.registration.grid import check_grid, grid_image, grid_label, pair_affine, sample
 from cctr.registration.losses import dice_loss, grad_loss, similarity
 from cctr.registration.net import RegNet, register_pair
 
@@ -118,8 +118,7 @@ def _grid_data(ds: Dataset, ids: list[str], cfg: RegistrationConfig, with_labels
     imgs = torch.stack([grid_image(ds.case(c), cfg.grid, f"{ds.name}:{c}", cfg.fov_mm) for c in ids])
     if not with_labels:
         return imgs, None
-    labs = torch.stack([on_grid(onehot(ds.case(c).label, ds.spec.num_classes),
-                                case_map(ds.case(c), cfg.grid, cfg.fov_mm), cfg.grid) for c in ids])
+    labs = torch.stack([grid_label(ds.case(c), ds.spec.num_classes, cfg.grid, cfg.fov_mm) for c in ids])
     return imgs, labs
 
 
