@@ -28,7 +28,7 @@ def resolve_checkpoint(target: str) -> Path:
 def evaluate(target: str, split: str = "test", convention: str = "strict") -> dict:
     from cctr.data.datasets import load_dataset, make_split
     from cctr.runs import run_dir_for
-    from cctr.train import write_rows, evaluate_predictions, load_nets, predict_cases
+    from cctr.train import evaluate_predictions, load_nets, predict_cases, write_rows
 
     if convention not in CONVENTIONS:
         raise CctrError(f"unknown convention '{convention}'; known: {', '.join(CONVENTIONS)}")

@@ -36,8 +36,8 @@ class GridMap(NamedTuple):
         return (pos - self.offset.to(pos).view(3, 1, 1, 1)) / self.scale.to(pos).view(3, 1, 1, 1)
 
 
-def grid_map(shape: tuple[int, ...], spacing: tuple[float, ...], grid: Shape3,
-             fov_mm: tuple[float, ...] = (0.0, 0.0, 0.0)) -> GridMap:
+def grid_map(shape: tuple[int, ...], spacing: tuple[float, ...], grid: Shape3, fov_mm: tuple[float, ...]
+             ) -> GridMap:
     """The map between a volume of `shape`/`spacing` and the registration grid (module docstring)."""
     scale, offset = [], []
     for n, sp, g, fov in zip(shape, spacing, grid, fov_mm):
@@ -102,8 +102,7 @@ def scale_between(src: Shape3 | tuple[int, ...], dst: Shape3 | tuple[int, ...]) 
     return torch.tensor([(d - 1) / max(s - 1, 1) for s, d in zip(src, dst)], dtype=torch.float32)
 
 
-def grid_image(case: Case, grid: Shape3, source: str, fov_mm: tuple[float, ...] = (0.0, 0.0, 0.0)
-               ) -> torch.Tensor:
+def grid_image(case: Case, grid: Shape3, source: str, fov_mm: tuple[float, ...]) -> torch.Tensor:
     """Image on the registration grid, [1,Z,H,W], robustly scaled to [0,1]; NaN is a user error."""
     img = np.asarray(case.image, dtype=np.float32)
     if img.ndim != 3:
