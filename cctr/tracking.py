@@ -81,8 +81,30 @@ class Run:
         for k, v in tags.items():
             client().set_tag(self.run_id, k, str(v))
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None, link: bool = False) -> None:
+        """`link=True` hard-links into a local artifact store instead of copying (checkpoints are
+        hundreds of MB). Only for files that are replaced by rename, never rewritten in place, so the
+        link stays a snapshot of what was logged."""
+        if link and (dest := self._local_artifact_dir(artifact_path)) is not None:
+            target = dest / Path(path).name
+            try:
+                dest.mkdir(parents=True, exist_ok=True)
+                target.unlink(missing_ok=True)
+                os.link(path, target)
+                return
+            except OSError:  # another filesystem, or links not supported: copy as usual
+                pass
         client().log_artifact(self.run_id, str(path), artifact_path)
+
+    def _local_artifact_dir(self, artifact_path: str | None) -> Path | None:
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        uri = urlparse(client().get_run(self.run_id).info.artifact_uri)
+        if uri.scheme != "file":
+            return None
+        root = Path(url2pathname(uri.path))
+        return root / artifact_path if artifact_path else root
 
     def log_figure(self, fig, name: str) -> None:
         client().log_figure(self.run_id, fig, name)

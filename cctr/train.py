@@ -298,17 +298,23 @@ class TrainResult:
 
 
 def checkpoint_payload(cfg: RunConfig, nets, opt, bank, state: StepState, run_id: str | None,
-                       scaler=None) -> dict:
-    return {
+                       scaler=None, resumable: bool = True) -> dict:
+    """`resumable=False` keeps weights and config only (the best-val file): half the size, since
+    SGD momentum is as large as the weights, and it is never resumed from."""
+    payload = {
         "format": CKPT_FORMAT, "config": to_dict(cfg), "iteration": state.iteration,
         "state_a": nets[0].state_dict(), "state_b": nets[1].state_dict(),
-        "optimizer": opt.state_dict() if opt is not None else {},
-        "bank": bank.state_dict() if bank is not None else {},
-        "best_dice": state.best_dice, "best_iter": state.best_iter, "history": state.history,
-        "run_id": run_id or "",
-        "rng_torch": torch.get_rng_state(), "rng_numpy": _np_state(),
-        "scaler": scaler.state_dict() if scaler is not None else {},
+        "best_dice": state.best_dice, "best_iter": state.best_iter, "run_id": run_id or "",
     }
+    if resumable:
+        payload.update({
+            "optimizer": opt.state_dict() if opt is not None else {},
+            "bank": bank.state_dict() if bank is not None else {},
+            "history": state.history,
+            "rng_torch": torch.get_rng_state(), "rng_numpy": _np_state(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+        })
+    return payload
 
 
 def _np_state() -> dict:
@@ -351,6 +357,8 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: Path | None = None, progress
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ck = load_checkpoint(resume, CKPT_FORMAT) if resume else None
+    if ck is not None and "optimizer" not in ck:
+        raise CctrError(f"{resume}: holds weights only (a best-val checkpoint); resume from last.pt")
     run_id = (ck or {}).get("run_id") or None
     t = dict(tags or {})
     t.update({"method": cfg.train.method, "labeled": cfg.data.labeled, "seed": cfg.train.seed,
@@ -457,10 +465,10 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
                                 it)
             if state.iteration % t.val_every == 0 or state.iteration == t.iters:
                 last_val = _validate(cfg, nets, data, run, state, device)
-                payload = checkpoint_payload(cfg, nets, opt, bank, state, run.run_id, scaler)
                 if state.best_iter == state.iteration:
-                    save_checkpoint(best_path, payload)
-                save_checkpoint(last_path, payload)
+                    save_checkpoint(best_path, checkpoint_payload(cfg, nets, None, None, state, run.run_id,
+                                                                  resumable=False))
+                save_checkpoint(last_path, checkpoint_payload(cfg, nets, opt, bank, state, run.run_id, scaler))
                 if on_validation is not None:
                     on_validation(state.iteration, last_val)
             if prog:
@@ -511,8 +519,8 @@ def _final_report(cfg, data: RunData, run, run_dir: Path, device, state: StepSta
     run.log_metrics(out, state.iteration)
     if state.history:
         run.log_artifact(pseudo_label_figure(state.history, run_dir / "pseudo_label_quality.png"))
-    run.log_artifact(run_dir / "best.pt", "checkpoints")
-    run.log_artifact(run_dir / "last.pt", "checkpoints")
+    run.log_artifact(run_dir / "best.pt", "checkpoints", link=True)
+    run.log_artifact(run_dir / "last.pt", "checkpoints", link=True)
     return out
 
 

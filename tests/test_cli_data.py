@@ -114,3 +114,14 @@ def test_stats_phantom_json(tmp_path):
     assert r.stdout.count("\n") == 1
     s = json.loads(r.stdout)
     assert s["classes"] == 4 and s["cases"] > 0 and len(s["spacing"]) == 3
+
+
+def test_piped_output_is_not_wrapped_at_80_columns(monkeypatch):
+    """Tables piped to a log (`make demo | tee`) keep their rows on one line; COLUMNS still wins."""
+    from cctr.cli.common import _console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False)
+    assert _console(stderr=False).width == 200
+    monkeypatch.setenv("COLUMNS", "100")
+    assert _console(stderr=False).width == 100

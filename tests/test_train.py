@@ -80,6 +80,25 @@ def test_resume_is_exact(registration_ready, tmp_path):
     assert resumed.metrics["test_dice"] == pytest.approx(full.metrics["test_dice"], abs=1e-6)
 
 
+def test_checkpoints_best_is_weights_only_and_artifacts_are_links(registration_ready, tmp_path):
+    """best.pt drops the optimizer (half the bytes); MLflow's copies are hard links, not second copies."""
+    import os
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    res = train(tiny_cfg(method="sup", iters=4, val_every=2), tmp_path / "run", progress=False)
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert "optimizer" not in best and "rng_torch" not in best and "optimizer" in last
+    assert best["state_a"].keys() == last["state_a"].keys() and best["config"] == last["config"]
+    art = Path(urlparse(tracking.client().get_run(res.run_id).info.artifact_uri).path) / "checkpoints"
+    for name in ("best.pt", "last.pt"):
+        assert os.path.samefile(art / name, tmp_path / "run" / name)
+    with pytest.raises(CctrError, match="weights only"):
+        train(tiny_cfg(method="sup", iters=4, val_every=2), tmp_path / "run", resume=tmp_path / "run" / "best.pt",
+              progress=False)
+
+
 def test_nan_loss_fails_the_run(tmp_path, monkeypatch):
     import cctr.losses as L
 

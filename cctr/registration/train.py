@@ -246,7 +246,7 @@ def train_registration(dataset: str, cfg: RegistrationConfig, split: Split | Non
             raise
         save(it, run.run_id)
         run.log_metrics({"train_seconds": time.perf_counter() - t0}, step=it)
-        run.log_artifact(path, "checkpoint")
+        run.log_artifact(path, "checkpoint", link=True)
     return path
 
 
@@ -262,9 +262,10 @@ def _progress(enabled: bool):
 
     if not enabled:
         return contextlib.nullcontext(None)
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
+    from cctr.cli.common import console
+
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+                    TimeRemainingColumn(), console=console, transient=False)
