@@ -223,9 +223,8 @@ def run_sweep(
         cfg = apply_overrides(base, [f"data.labeled={n_lab}"])
         _prepare_shared(cfg)  # registration trained/applied once, reused by every trial
         name = study_name(cfg.data.dataset, n_lab, space)
-        study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
-                                    pruner=_make_pruner(space.pruner), sampler=_make_sampler(space.sampler))
-        parent = _parent_run(study, cfg, name)
+        study, owner = _open_study(name, storage, space)
+        parent = _parent_run(study, cfg, name, owner)
         log(f"study {name}: storage {_redact(url)}, parent MLflow run {parent}")
         with tracking.start_run(cfg.data.dataset, name, run_id=parent) as prun:
             _optimize(study, cfg, space, n_trials, prun.run_id, deadline, progress, log)
@@ -249,30 +248,42 @@ def _prepare_shared(cfg: RunConfig) -> None:
         registration_maps(cfg.data.dataset, cfg.registration, split)
 
 
-def _parent_run(study, cfg: RunConfig, name: str) -> str:
+def _open_study(name: str, storage, space: Space):
+    """(study, owner). Creating the study is the one step the storage makes atomic (a unique name), so
+    of several workers starting together exactly one owns it and names the MLflow parent run."""
+    import optuna
+
+    kw = {"study_name": name, "storage": storage, "pruner": _make_pruner(space.pruner),
+          "sampler": _make_sampler(space.sampler)}
+    try:
+        return optuna.create_study(direction="maximize", **kw), True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(**kw), False
+
+
+def _parent_run(study, cfg: RunConfig, name: str, owner: bool, wait_s: float = 60.0) -> str:
     """One MLflow parent run per study, remembered on the study so workers and re-runs share it.
 
-    Two workers starting together may both create one: the last id written to the study wins, and
-    the loser deletes its own after re-reading (Optuna user attrs have no compare-and-set).
+    Only the study's owner creates it; other workers wait for its id. If none appears in `wait_s`
+    (the owner died before writing it), this worker creates one.
     """
     from cctr import tracking
 
-    rid = study.user_attrs.get("mlflow_parent_run_id")
+    key = "mlflow_parent_run_id"
+    deadline = time.time() + (0.0 if owner else wait_s)
+    while not (rid := study.user_attrs.get(key)) and time.time() < deadline:
+        time.sleep(0.5)
     if rid:
         return rid
     c = tracking.client()
     run = c.create_run(tracking.experiment_id(cfg.data.dataset), run_name=name,
                        tags={"mlflow.runName": name, "optuna_study": name, "role": "study",
                              "labeled": str(cfg.data.labeled)})
-    mine = run.info.run_id
-    tracking.Run(mine).log_params({"study": name, **{f"base.{k}": v for k, v in flatten(cfg).items()}})
-    c.set_terminated(mine, "FINISHED")
-    study.set_user_attr("mlflow_parent_run_id", mine)
-    time.sleep(2.0)
-    winner = study.user_attrs.get("mlflow_parent_run_id", mine)  # read from the storage, not a cache
-    if winner != mine:
-        c.delete_run(mine)
-    return winner
+    rid = run.info.run_id
+    tracking.Run(rid).log_params({"study": name, **{f"base.{k}": v for k, v in flatten(cfg).items()}})
+    c.set_terminated(rid, "FINISHED")
+    study.set_user_attr(key, rid)
+    return rid
 
 
 def _finished(study) -> int:

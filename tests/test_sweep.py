@@ -22,6 +22,31 @@ def fresh_store(tmp_path, monkeypatch):
     return tmp_path
 
 
+def test_one_parent_run_per_study_whoever_starts_first(fresh_store):
+    """The worker whose create_study succeeds owns the parent run; a second one opening the same study
+    at the same moment waits for that id instead of making a second parent (no sleep-and-hope)."""
+    import threading
+
+    from cctr.sweep import _open_study, _parent_run, make_storage
+
+    space = load_space(write_yaml(fresh_store / "space.yaml", TINY_SPACE))
+    storage = make_storage(f"sqlite:///{fresh_store / 'optuna.db'}", 30)
+    cfg = from_dict(RunConfig, TINY)
+    study_a, owner_a = _open_study("s", storage, space)
+    study_b, owner_b = _open_study("s", storage, space)
+    assert (owner_a, owner_b) == (True, False)
+    got = {}
+    waiter = threading.Thread(target=lambda: got.update(b=_parent_run(study_b, cfg, "s", owner_b, wait_s=30)))
+    waiter.start()
+    time.sleep(1.0)
+    assert waiter.is_alive()  # the non-owner does not create a parent of its own
+    a = _parent_run(study_a, cfg, "s", owner_a)
+    waiter.join(timeout=30)
+    assert got["b"] == a
+    assert len(tracking.find_runs("phantom-cardiac", "tags.role = 'study'")) == 1
+    assert _parent_run(study_b, cfg, "s", False, wait_s=0) == a  # a re-run finds it at once
+
+
 def test_two_trial_sweep_end_to_end(fresh_store):
     space = load_space(write_yaml(fresh_store / "space.yaml", TINY_SPACE))
     storage = f"sqlite:///{fresh_store / 'optuna.db'}"
