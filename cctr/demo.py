@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from cctr.cli.common import console, out
+from cctr.console import console, out
 from cctr.errors import CctrError
 
 DATASET = "phantom-cardiac"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import math
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,24 +296,27 @@ class TrainResult:
     metrics: dict[str, float]
 
 
-def checkpoint_payload(cfg: RunConfig, nets, opt, bank, state: StepState, run_id: str | None,
-                       scaler=None, resumable: bool = True) -> dict:
-    """`resumable=False` keeps weights and config only (the best-val file): half the size, since
-    SGD momentum is as large as the weights, and it is never resumed from."""
-    payload = {
+def weights_payload(cfg: RunConfig, nets, state: StepState, run_id: str | None) -> dict:
+    """What evaluation and prediction need (the best-val file): weights and config only, half the
+    bytes of a resumable checkpoint since SGD momentum is as large as the weights."""
+    return {
         "format": CKPT_FORMAT, "config": to_dict(cfg), "iteration": state.iteration,
         "state_a": nets[0].state_dict(), "state_b": nets[1].state_dict(),
         "best_dice": state.best_dice, "best_iter": state.best_iter, "run_id": run_id or "",
     }
-    if resumable:
-        payload.update({
-            "optimizer": opt.state_dict() if opt is not None else {},
-            "bank": bank.state_dict() if bank is not None else {},
-            "history": state.history,
-            "rng_torch": torch.get_rng_state(), "rng_numpy": _np_state(),
-            "scaler": scaler.state_dict() if scaler is not None else {},
-        })
-    return payload
+
+
+def checkpoint_payload(cfg: RunConfig, nets, opt, bank, state: StepState, run_id: str | None,
+                       scaler=None) -> dict:
+    """A resumable checkpoint (last.pt): the weights plus everything an exact resume restores."""
+    return {
+        **weights_payload(cfg, nets, state, run_id),
+        "optimizer": opt.state_dict(),
+        "bank": bank.state_dict() if bank is not None else {},
+        "history": state.history,
+        "rng_torch": torch.get_rng_state(), "rng_numpy": _np_state(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+    }
 
 
 def _np_state() -> dict:
@@ -466,8 +468,7 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
             if state.iteration % t.val_every == 0 or state.iteration == t.iters:
                 last_val = _validate(cfg, nets, data, run, state, device)
                 if state.best_iter == state.iteration:
-                    save_checkpoint(best_path, checkpoint_payload(cfg, nets, None, None, state, run.run_id,
-                                                                  resumable=False))
+                    save_checkpoint(best_path, weights_payload(cfg, nets, state, run.run_id))
                 save_checkpoint(last_path, checkpoint_payload(cfg, nets, opt, bank, state, run.run_id, scaler))
                 if on_validation is not None:
                     on_validation(state.iteration, last_val)
@@ -534,22 +535,18 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 
 class TrainProgress:
-    """A rich progress bar with the loss and the last validation Dice."""
+    """The progress bar of a training run, showing the loss and the last validation Dice."""
 
     def __init__(self, total: int, start: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from cctr.console import progress_bar
 
-        from cctr.cli.common import console
-
-        self.p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                          TextColumn("{task.fields[info]}"), console=console, transient=False)
+        self.p = progress_bar()
         self.p.start()
-        self.task = self.p.add_task("train", total=total, completed=start, info="")
-        self.t0 = time.time()
+        self.task = self.p.add_task("train", total=total, completed=start)
 
     def update(self, it: int, loss: float, val: float) -> None:
         info = f"loss {loss:.3f}" + ("" if math.isnan(val) else f"  val dice {val:.3f}")
-        self.p.update(self.task, completed=it, info=info)
+        self.p.update(self.task, completed=it, description=f"train {info}")
 
     def close(self) -> None:
         self.p.stop()

@@ -6,7 +6,6 @@ workers) each spinning two OpenMP threads on two cores slow down by an order of 
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 

@@ -118,7 +118,7 @@ def test_stats_phantom_json(tmp_path):
 
 def test_piped_output_is_not_wrapped_at_80_columns(monkeypatch):
     """Tables piped to a log (`make demo | tee`) keep their rows on one line; COLUMNS still wins."""
-    from cctr.cli.common import _console
+    from cctr.console import _console
 
     monkeypatch.delenv("COLUMNS", raising=False)
     monkeypatch.setattr("sys.stdout.isatty", lambda: False)

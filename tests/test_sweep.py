@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from cctr import tracking
-from cctr.config import from_dict, RunConfig
+from cctr.config import RunConfig, from_dict
 from cctr.errors import CctrError
 from cctr.sweep import load_space, parse_labeled, run_sweep
 from tests.helpers import TINY, TINY_SPACE, cli, popen_cli, write_yaml

@@ -13,10 +13,11 @@ import typer
 from rich.table import Table
 
 from cctr.cli import data, register
+from cctr.cli.common import emit_json
 from cctr.cli.evaluate import evaluate_cmd, predict_cmd
 from cctr.cli.sweep import sweep_cmd, table1_cmd, ui_cmd
 from cctr.cli.train import train_cmd
-from cctr.cli.common import console, emit_json, out
+from cctr.console import console, out
 from cctr.errors import CctrError
 
 app = typer.Typer(help="CCT-R: semi-supervised segmentation guided by registration.", no_args_is_help=True,

@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cctr.cli.common import emit_json, out
+from cctr.cli.common import emit_json
+from cctr.console import out
 
 app = typer.Typer(help="Datasets: list, prepare, show, stats.", no_args_is_help=True)
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cctr.cli.common import emit_json, out
+from cctr.cli.common import emit_json
+from cctr.console import out
 
 
 def evaluate_cmd(

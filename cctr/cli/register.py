@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cctr.cli.common import console, emit_json, out
+from cctr.cli.common import emit_json
+from cctr.console import console, out
 
 app = typer.Typer(help="Registration stage: train, apply (label transfer + coordinates), report.",
                   no_args_is_help=True)

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cctr.cli.common import console, emit_json, out
+from cctr.cli.common import emit_json
+from cctr.console import console, out
 
 
 def sweep_cmd(

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from cctr.cli.common import emit_json, out
+from cctr.cli.common import emit_json
+from cctr.console import out
 
 
 def train_cmd(

@@ -20,13 +20,14 @@ import torch
 from cctr.atomic import atomic_dir
 from cctr.checkpoint import config_hash
 from cctr.config import RegistrationConfig, from_dict
+from cctr.console import progress_bar
 from cctr.data.case import Case
 from cctr.data.datasets import Dataset, Split, load_dataset
 from cctr.errors import CctrError
 from cctr.paths import cache_root
 from cctr.registration.grid import case_map, grid_image, identity, pair_affine, sample
 from cctr.registration.net import RegNet, register_pair
-from cctr.registration.train import _progress, check_config, device, find_checkpoint, load_model
+from cctr.registration.train import check_config, device, find_checkpoint, load_model
 
 MAPS_VERSION = 1
 
@@ -184,7 +185,7 @@ def registration_maps(dataset: str, cfg: RegistrationConfig, split: Split, check
     reg = Registrar(ds, model, from_dict(RegistrationConfig, ck["config"]))
     for cid in dict.fromkeys(split.labeled + ids):  # NaN/inf and bad shapes fail before anything is written
         reg.image(cid)
-    with atomic_dir(final) as tmp, _progress(progress) as bar:
+    with atomic_dir(final) as tmp, progress_bar(progress) as bar:
         task = bar.add_task(f"label transfer {dataset}", total=len(ids)) if bar else None
         for vid in ids:
             phis = {lid: reg.phi(lid, vid) for lid in split.labeled}

@@ -14,13 +14,14 @@ import numpy as np
 import torch
 
 from cctr.config import RegistrationConfig, from_dict
+from cctr.console import progress_bar
 from cctr.data.datasets import load_dataset, make_split
 from cctr.errors import CctrError
 from cctr.metrics import dice_per_class
 from cctr.registration.apply import Registrar, fuse, registration_maps
 from cctr.registration.grid import apply_affine, grid_label, identity, sample
 from cctr.registration.net import jacobian_det
-from cctr.registration.train import _progress, find_checkpoint, load_model
+from cctr.registration.train import find_checkpoint, load_model
 
 
 def tvl1_phi(reg: Registrar, moving: str, fixed: str) -> torch.Tensor:
@@ -67,7 +68,7 @@ def registration_report(dataset: str, cfg: RegistrationConfig, n_labeled: int, s
     t_ours = t_tv = 0.0
     neg = total = 0
     first = None
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(f"report {dataset} (TV-L1 is slow)", total=len(unl)) if bar else None
         for vid in unl:
             target = ds.case(vid)

@@ -16,6 +16,7 @@ import torch
 
 from cctr.checkpoint import config_hash, load_checkpoint, save_checkpoint
 from cctr.config import RegistrationConfig, flatten, from_dict, to_dict
+from cctr.console import progress_bar
 from cctr.data.datasets import Dataset, Split, load_dataset, make_split
 from cctr.errors import CctrError
 from cctr.paths import cache_root
@@ -197,7 +198,7 @@ def train_registration(dataset: str, cfg: RegistrationConfig, split: Split | Non
 
     n = len(split.train)
     every = max(25, cfg.iters // 10)
-    with _ensure_run(dataset, key, cfg, split, run_id) as run, _progress(progress) as bar:
+    with _ensure_run(dataset, key, cfg, split, run_id) as run, progress_bar(progress) as bar:
         task = bar.add_task(f"registration {dataset}", total=cfg.iters, completed=start) if bar else None
         it, t0, hist = start, time.perf_counter(), []
         try:
@@ -254,18 +255,3 @@ def ensure_registration(dataset: str, cfg: RegistrationConfig, split: Split | No
                         progress: bool = True) -> Path:
     """The finished model for `cfg`: reused when present, trained (or resumed) otherwise."""
     return train_registration(dataset, cfg, split, progress)
-
-
-def _progress(enabled: bool):
-    """A rich progress bar on stderr, or a null context when disabled (tests, sweeps)."""
-    import contextlib
-
-    if not enabled:
-        return contextlib.nullcontext(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
-    from cctr.cli.common import console
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console, transient=False)
