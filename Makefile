@@ -6,7 +6,9 @@ STAMP := .venv/.installed-stamp
 
 DATASET ?= phantom-cardiac
 PRESET ?= quick
-SEEDS ?= 1
+SEEDS ?=
+JOBS ?=
+PORT ?= 5000
 
 install: $(STAMP)
 
@@ -29,7 +31,7 @@ bench: install
 	.venv/bin/cctr bench
 
 ui: install
-	.venv/bin/cctr ui
+	.venv/bin/cctr ui --port $(PORT)
 
 reproduce-table1: install
-	.venv/bin/cctr table1 --dataset $(DATASET) --preset $(PRESET) --seeds $(SEEDS)
+	.venv/bin/cctr table1 --dataset $(DATASET) --preset $(PRESET) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS))

@@ -31,64 +31,88 @@ def bench_phantom() -> dict:
     return {"phantom_gen_s": dt, "phantom_cases": len(ds.case_ids)}
 
 
-def bench_step(repeats: int = 7) -> dict:
-    """One training step of `ct` vs `cctr` on the same nets and batch (median), and the bank size.
+def bench_step(repeats: int = 7, size: int | None = None) -> dict:
+    """Quick-preset training steps of `ct` and `cctr` beside the floor (median seconds).
 
-    The overhead of CCT-R over cross-teaching is the contrastive term, the REPS neighbour search
-    and the memory bank; registration maps are precomputed, so they cost nothing per step.
+    The floor is what no method can avoid: both nets' forward + backward + SGD step on the batch.
+    `step_overhead` (cctr/ct) is what contrast, REPS, the memory banks and RSL add on top of
+    cross-teaching; registration maps are precomputed, so they cost nothing per step.
     """
     import statistics
 
     import torch
 
     from cctr import losses as L
-    from cctr.config import RunConfig, apply_overrides
+    from cctr.config import apply_overrides, load_config
     from cctr.models import build_nets
-    from cctr.train import METHODS, loss_terms
+    from cctr.train import METHODS, Contrast, loss_terms
 
-    cfg = RunConfig()
+    cfg = load_config(Path(__file__).resolve().parents[1] / "experiments" / "phantom_cardiac.yaml", "quick")
+    if size is not None:
+        cfg = apply_overrides(cfg, [f"data.size={size}"])
     t = cfg.train
     b, s, C = t.batch_labeled + t.batch_unlabeled, cfg.data.size, 4
     g = torch.Generator().manual_seed(0)
     batch = {
         "image": torch.rand(b, 1, s, s, generator=g),
         "label": torch.randint(0, C, (b, s, s), generator=g),
+        "label_mon": torch.randint(0, C, (b, s, s), generator=g),
         "y_reg": torch.randint(0, C, (b, s, s), generator=g),
-        "c_reg": torch.rand(b, s, s, generator=g),
+        "c_reg": torch.rand(b, 1, s, s, generator=g),
         "coords": torch.rand(b, 3, s, s, generator=g) * 100,
+        "valid": torch.rand(b, s, s, generator=g) > 0.05,
         "case_index": torch.arange(b),
     }
     torch.manual_seed(0)
     nets = build_nets(cfg.model, C)
     params = [p for n in nets for p in n.parameters()]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    res = {}
-    for name in ("ct", "cctr"):
-        mcfg = apply_overrides(cfg, [f"train.method={name}"])
-        bank = L.MemoryBank(t.memory_size, cfg.model.proj_dim) if METHODS[name].reps else None
+    cpu = torch.device("cpu")
+
+    def median_time(step: Callable[[int], torch.Tensor]) -> float:
         times = []
         for i in range(repeats + 1):
             t0 = time.perf_counter()
-            terms = loss_terms(mcfg, METHODS[name], nets, batch, bank, 1000 + i, g, torch.device("cpu"))
+            loss = step(i)
             opt.zero_grad(set_to_none=True)
-            sum(terms.values()).backward()
+            loss.backward()
             opt.step()
-            if i:  # the first step warms allocators and fills the bank
+            if i:  # the first step warms allocators and fills the banks
                 times.append(time.perf_counter() - t0)
-        res[f"step_{name}_s"] = statistics.median(times)
-        if bank is not None:
-            res["bank_mb"] = bank.nbytes / 2**20
+        return statistics.median(times)
+
+    y = batch["label"]
+    res = {"floor_s": median_time(lambda i: sum(L.ce_loss(n(batch["image"], with_embed=False)["logits"], y)
+                                                 for n in nets))}
+    for name in ("ct", "cctr"):
+        m = METHODS[name]
+        mcfg = apply_overrides(cfg, [f"train.method={name}"])
+        con = Contrast([L.MemoryBank(t.memory_size, cfg.model.proj_dim) for _ in nets], 10.0, 20.0) if m.con else None
+        res[f"step_{name}_s"] = median_time(
+            lambda i: sum(loss_terms(mcfg, m, nets, batch, con, g, cpu)[0].values()))
+        if con is not None:
+            res["bank_mb"] = sum(bk.nbytes for bk in con.banks) / 2**20
     res["step_overhead"] = res["step_cctr_s"] / res["step_ct_s"]
+    res["ct_over_floor"] = res["step_ct_s"] / res["floor_s"]
     return res
 
 
-def run_bench(log: Callable[[str], None] = print) -> dict:
+def run_bench(log: Callable[[str], None] = print, smoke: bool = False) -> dict:
+    """Every figure, side by side in one run. `smoke` runs each stage at a token size (seconds, for
+    tests of the command itself; its figures mean nothing) and leaves out the minutes-long medpy stage."""
+    from functools import partial
+
     from cctr.data.slices import bench_loader
     from cctr.metrics import bench_hd95
 
+    stages = [("phantom", bench_phantom), ("loader", bench_loader), ("training step", bench_step),
+              ("hd95 (medpy side by side: minutes)", bench_hd95)]
+    if smoke:
+        stages = [("phantom", bench_phantom), ("loader", partial(bench_loader, num_workers=0, size=32, seconds=0.5,
+                                                                  warmup_batches=1)),
+                  ("training step", partial(bench_step, repeats=1, size=32))]
     res: dict = {}
-    for name, fn in (("phantom", bench_phantom), ("loader", bench_loader), ("training step", bench_step),
-                     ("hd95 (medpy side by side: minutes)", bench_hd95)):
+    for name, fn in stages:
         log(f"bench: {name} ...")
         res.update(fn())
     return res

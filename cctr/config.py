@@ -22,7 +22,8 @@ from cctr.errors import CctrError
 class DataConfig:
     dataset: str = "phantom-cardiac"
     labeled: int = 1
-    seed: int = 0  # split seed
+    seed: int = 0  # split seed: train/val/test
+    labeled_seed: int | None = None  # which training cases are labeled (None: the split seed)
     size: int = 96  # 2D training size (square)
     num_workers: int = 0
 
@@ -56,6 +57,10 @@ class ModelConfig:
     encoder_b: str = "mit_b0"
     encoder_weights: str | None = None
     proj_dim: int = 64
+    # decoder widths (empty / 0: smp's defaults): net A's U-Net `decoder_channels`, net B's SegFormer
+    # `decoder_segmentation_channels`; the quick preset narrows them for CPU speed
+    decoder_a: tuple[int, ...] = ()
+    decoder_b: int = 0
 
 
 @dataclass
@@ -72,17 +77,23 @@ class TrainConfig:
     grad_clip: float = 10.0
     amp: bool = False
     seed: int = 0
-    ramp_iters: int = 300
-    w_ct: float = 1.0
+    ramp_iters: int = 1000  # sigmoid ramp-up of w_ct and w_con; SSL4MIS spans the whole training
+    w_ct: float = 0.1  # SSL4MIS cross-teaching weight
     w_rsl: float = 1.0
+    ramp_rsl: bool = False  # registration labels help most early, when pseudo-labels are poor (DESIGN §4)
+    # RSL yields where both nets agree on another class than y_reg, each at least this sure (> 1: never)
+    rsl_yield_conf: float = 0.9
     w_con: float = 0.1
     conf_threshold: float = 0.6
     tau: float = 0.1
     anchors_per_class: int = 32
-    memory_size: int = 2048
-    reps_radius_mm: float = 5.0
-    reps_k: int = 0  # > 0: k nearest instead of a radius
+    memory_size: int = 2048  # per bank; 0 = contrast within the batch only (every contrastive variant alike)
+    contrast: str = "per_net"  # each net against its own anchors and bank | "joint": both nets in one space
+    reps_cap: float = 2.0  # REPS match within this many registration-grid cells, in-plane and through-plane
+    reps_weight: float = 1.0  # the REPS term's own weight (not drowned by hundreds of class positives)
     val_every: int = 200
+    ckpt_every: int = 200  # resumable last.pt every N iterations (it is as large as two copies of the weights)
+    keep_last: bool = False  # keep last.pt once the run is finished and evaluated
 
 
 @dataclass

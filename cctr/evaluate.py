@@ -1,14 +1,110 @@
-"""Evaluation of a checkpoint on a split, and prediction of new scans (issue 4)."""
+"""Evaluation below training: loading a checkpoint, predicting cases, 3D metrics and per-case rows.
+
+Training's validation and final report, Table 1, the sweep and `cctr evaluate` all read this one
+place; training calls evaluation, never the reverse. Metric names carry their unit: `hd95_mm` /
+`asd_mm` under the `strict` convention, `hd95_vox` / `asd_vox` under the voxel-unit peer conventions.
+"""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cctr.errors import CctrError
 
 CONVENTIONS = ("strict", "ssl4mis", "transunet")
+CKPT_FORMAT = "cctr-segmentation"
+
+
+def unit(convention: str) -> str:
+    """Distance unit of a convention's HD95/ASD: millimetres (strict) or voxels (the peers')."""
+    return "mm" if convention == "strict" else "vox"
+
+
+def device_for() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_nets(path: str | Path, device=None):
+    """(cfg, nets, checkpoint dict) from a segmentation checkpoint: the checkpoint alone is enough."""
+    from cctr.checkpoint import load_checkpoint
+    from cctr.config import RunConfig, from_dict
+    from cctr.data.datasets import get_spec
+    from cctr.models import build_nets
+
+    ck = load_checkpoint(path, CKPT_FORMAT)
+    cfg = from_dict(RunConfig, ck["config"])
+    nets = build_nets(cfg.model, get_spec(cfg.data.dataset).num_classes)
+    nets[0].load_state_dict(ck["state_a"])
+    nets[1].load_state_dict(ck["state_b"])
+    dev = device or device_for()
+    return cfg, [n.to(dev).eval() for n in nets], ck
+
+
+def predict_cases(nets, ds, ids: list[str], size: int, device) -> dict[str, dict[str, np.ndarray]]:
+    """Per case: net A, net B and ensemble labels at native resolution."""
+    from cctr.inference import predict_volume
+
+    out = {}
+    for cid in ids:
+        img = ds.case(cid).image
+        pa = predict_volume([nets[0]], img, size, device=device, return_probs=True)
+        pb = predict_volume([nets[1]], img, size, device=device, return_probs=True)
+        out[cid] = {"a": pa.argmax(0).astype(np.uint8), "b": pb.argmax(0).astype(np.uint8),
+                    "ens": ((pa + pb) / 2).argmax(0).astype(np.uint8)}
+    return out
+
+
+def evaluate_predictions(preds: dict[str, np.ndarray], ds, convention: str = "strict") -> tuple[list[dict], dict]:
+    """Per-case rows (one per case x class) and the summary (mean over classes, then cases).
+
+    Keys: `dice`, `hd95_<unit>`, `asd_<unit>`, per class `dice_<class>`, `hd95_<unit>_<class>`.
+    """
+    from cctr.metrics import case_metrics, summarize
+
+    spec, u = ds.spec, unit(convention)
+    rows, per_case = [], []
+    for cid, pred in preds.items():
+        case = ds.case(cid)
+        m = case_metrics(pred, case.label, case.spacing, spec.num_classes, convention=convention)
+        per_case.append(m)
+        for k in range(1, spec.num_classes):
+            rows.append({"case": cid, "class": spec.class_names[k], "dice": float(m["dice"][k - 1]),
+                         f"hd95_{u}": float(m["hd95"][k - 1]), f"asd_{u}": float(m["asd"][k - 1])})
+    raw = summarize(per_case)
+    summ: dict = {"dice": raw["dice"], f"hd95_{u}": raw["hd95"], f"asd_{u}": raw["asd"], "n_cases": raw["n_cases"]}
+    for metric, key in (("dice", "dice"), ("hd95", f"hd95_{u}")):  # per-class means: logged, and Table 1's CSV
+        for k, name in enumerate(spec.class_names[1:]):
+            summ[f"{key}_{name}"] = float(raw[f"{metric}_per_class"][k])
+    return rows, summ
+
+
+def dice_summary(preds: dict[str, np.ndarray], ds) -> dict[str, float]:
+    """Mean foreground Dice (and per class) only: validation's model selection needs no surface distances."""
+    import warnings
+
+    from cctr.metrics import dice_per_class
+
+    spec = ds.spec
+    table = np.stack([dice_per_class(p, ds.case(c).label, spec.num_classes) for c, p in preds.items()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a class absent from every case is NaN, not an error
+        per_class = np.nanmean(table, axis=0)
+        out = {"dice": float(np.nanmean(np.nanmean(table, axis=1)))}
+    out.update({f"dice_{n}": float(per_class[k]) for k, n in enumerate(spec.class_names[1:])})
+    return out
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    from cctr.atomic import atomic_file
+
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["case"])
+        w.writeheader()
+        w.writerows(rows)
 
 
 def resolve_checkpoint(target: str) -> Path:
@@ -16,6 +112,8 @@ def resolve_checkpoint(target: str) -> Path:
     p = Path(target)
     if p.exists():
         return p
+    if p.suffix in (".pt", ".pth") or "/" in target or "\\" in target:
+        raise CctrError(f"{p}: checkpoint not found")
     from cctr import tracking
 
     run = tracking.require_run(target)
@@ -28,7 +126,6 @@ def resolve_checkpoint(target: str) -> Path:
 def evaluate(target: str, split: str = "test", convention: str = "strict") -> dict:
     from cctr.data.datasets import load_dataset, make_split
     from cctr.runs import run_dir_for
-    from cctr.train import evaluate_predictions, load_nets, predict_cases, write_rows
 
     if convention not in CONVENTIONS:
         raise CctrError(f"unknown convention '{convention}'; known: {', '.join(CONVENTIONS)}")
@@ -37,7 +134,7 @@ def evaluate(target: str, split: str = "test", convention: str = "strict") -> di
     ckpt = resolve_checkpoint(target)
     cfg, nets, ck = load_nets(ckpt)
     ds = load_dataset(cfg.data.dataset)
-    sp = make_split(ds, cfg.data.labeled, cfg.data.seed)
+    sp = make_split(ds, cfg.data.labeled, cfg.data.seed, cfg.data.labeled_seed)
     ids = getattr(sp, split)
     preds = predict_cases(nets, ds, ids, cfg.data.size, next(nets[0].parameters()).device)
     rows, summ = evaluate_predictions({c: p["ens"] for c, p in preds.items()}, ds, convention)
@@ -47,7 +144,7 @@ def evaluate(target: str, split: str = "test", convention: str = "strict") -> di
     for name in ds.spec.class_names[1:]:
         sel = [r for r in rows if r["class"] == name]
         per_class[name] = {k: float(np.nanmean([r[k] for r in sel])) if sel else float("nan")
-                           for k in ("dice", "hd95", "asd")}
+                           for k in ("dice", f"hd95_{unit(convention)}", f"asd_{unit(convention)}")}
     summary = {k: float(v) for k, v in summ.items() if isinstance(v, (float, int))}
     run_id = ck.get("run_id") or None
     if run_id:
@@ -64,7 +161,6 @@ def predict(checkpoint: Path, input: Path, output: Path) -> list[Path]:
     from cctr.data.datasets import get_spec
     from cctr.inference import predict_volume
     from cctr.nifti import predict_nifti
-    from cctr.train import load_nets
 
     cfg, nets, _ = load_nets(checkpoint)
     spec = get_spec(cfg.data.dataset)

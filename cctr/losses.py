@@ -86,14 +86,17 @@ def cross_teaching(logits_a: torch.Tensor, logits_b: torch.Tensor, num_classes: 
 
 
 def rsl_loss(
-    logits: torch.Tensor, y_reg: torch.Tensor, c_reg: torch.Tensor, threshold: float, num_classes: int
+    logits: torch.Tensor, y_reg: torch.Tensor, c_reg: torch.Tensor, threshold: float, num_classes: int,
+    ignore_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Registration supervision: ½(CE + Dice) against `y_reg`, pixels with `c_reg < threshold` ignored.
+    """Registration supervision: ½(CE + Dice) against `y_reg`, pixels with `c_reg < threshold` (or in
+    `ignore_mask`) ignored.
 
     With every pixel ignored both terms are exactly 0 (CE has no pixel to average, each class's Dice
     is ε/ε), so the result is 0 with the graph intact.
     """
-    return dice_ce(logits, y_reg, num_classes, c_reg < threshold)
+    ignore = c_reg < threshold
+    return dice_ce(logits, y_reg, num_classes, ignore if ignore_mask is None else ignore | ignore_mask)
 
 
 def resize_nearest(x: torch.Tensor, hw: tuple[int, int] | torch.Size) -> torch.Tensor:
@@ -102,11 +105,21 @@ def resize_nearest(x: torch.Tensor, hw: tuple[int, int] | torch.Size) -> torch.T
     Used to bring labels / registration coordinates to the embedding resolution; unlike
     `F.interpolate(mode="nearest")` it keeps integer dtypes and samples centres, not top-left corners.
     """
-    h_in, w_in = x.shape[-2:]
-    h, w = int(hw[0]), int(hw[1])
-    iy = ((torch.arange(h, device=x.device) + 0.5) * (h_in / h)).long().clamp_max(h_in - 1)
-    ix = ((torch.arange(w, device=x.device) + 0.5) * (w_in / w)).long().clamp_max(w_in - 1)
+    iy, ix = nearest_index(tuple(x.shape[-2:]), hw, x.device)
     return x[..., iy[:, None], ix[None, :]]
+
+
+def nearest_index(hw_in: tuple[int, int], hw: tuple[int, int] | torch.Size, device=None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices of the input pixel whose area holds each output pixel's centre.
+
+    One function for labels, coordinates, confidence and `valid`, so an anchor's attributes are all
+    read at the very pixel its label came from.
+    """
+    (h_in, w_in), h, w = hw_in, int(hw[0]), int(hw[1])
+    iy = ((torch.arange(h, device=device) + 0.5) * (h_in / h)).long().clamp_max(h_in - 1)
+    ix = ((torch.arange(w, device=device) + 0.5) * (w_in / w)).long().clamp_max(w_in - 1)
+    return iy, ix
 
 
 def sample_anchors(
@@ -148,62 +161,72 @@ def supcon_loss(
     anchors: torch.Tensor,
     classes: torch.Tensor,
     tau: float,
-    extra_pos_mask: torch.Tensor | None = None,
     bank_feats: torch.Tensor | None = None,
     bank_classes: torch.Tensor | None = None,
     bank_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pixel-level supervised contrastive loss (Khosla et al. 2020, L_out form).
+    """Pixel-level supervised contrastive loss (Khosla et al. 2020, L_out form), positives by class.
 
-    For anchor i, keys are the other anchors plus the bank entries; positives P(i) are keys of the
-    same class, plus (REPS) the bank entries flagged in `extra_pos_mask` [N,K] whatever their class
-    — a REPS entry that is also same-class counts once (the sets are OR-ed). Bank slots with
-    class < 0 or `bank_valid` False are empty and take no part.
-    loss_i = -mean_{p∈P(i)} log(exp(s_ip/τ) / Σ_{a≠i} exp(s_ia/τ)); anchors with no positive
-    are skipped; the result is the mean over the others (0 if none).
+    Keys are the other anchors plus the bank entries; bank slots with class < 0 or `bank_valid`
+    False are empty and take no part. See `masked_supcon` for the formula.
     """
-    n = anchors.shape[0]
-    if n == 0:
-        return _zero(anchors)
     if (bank_feats is None) != (bank_classes is None):
         raise ValueError("bank_feats and bank_classes go together")
-    if (extra_pos_mask is not None or bank_valid is not None) and bank_feats is None:
-        raise ValueError("extra_pos_mask and bank_valid need a bank")
-    a = anchors.float()
-    keys, key_cls = a, classes.long()
+    if bank_valid is not None and bank_feats is None:
+        raise ValueError("bank_valid needs a bank")
+    keys, key_cls = anchors, classes.long()
     if bank_feats is not None:
-        keys = torch.cat([a, bank_feats.to(a)], 0)
+        keys = torch.cat([anchors.float(), bank_feats.to(anchors.device).float()], 0)
         bank_cls = bank_classes.long().to(key_cls.device)
         if bank_valid is not None:
             bank_cls = bank_cls.masked_fill(~bank_valid.to(bank_cls.device), -1)
         key_cls = torch.cat([key_cls, bank_cls], 0)
-    m = keys.shape[0]
-    idx = torch.arange(n, device=a.device)
-    not_self = torch.ones(n, m, dtype=torch.bool, device=a.device)
-    not_self[idx, idx] = False
-    in_denom = not_self & (key_cls >= 0).unsqueeze(0)
-    pos = (classes.long().unsqueeze(1) == key_cls.unsqueeze(0)) & in_denom
-    if extra_pos_mask is not None:
-        pos[:, n:] |= extra_pos_mask.to(pos.device) & in_denom[:, n:]
+    denom = key_mask(anchors.shape[0], key_cls)
+    pos = (classes.long().unsqueeze(1) == key_cls.unsqueeze(0)) & denom
+    return masked_supcon(anchors, keys, pos, denom, tau)
+
+
+def key_mask(n: int, key_cls: torch.Tensor) -> torch.Tensor:
+    """[N,M] keys an anchor may be contrasted with: filled slots (class >= 0), never itself (key i = anchor i)."""
+    m = key_cls.shape[0]
+    denom = (key_cls >= 0).unsqueeze(0).expand(n, m).clone()
+    idx = torch.arange(n, device=key_cls.device)
+    denom[idx, idx] = False
+    return denom
+
+
+def masked_supcon(anchors: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, denom: torch.Tensor,
+                  tau: float) -> torch.Tensor:
+    """loss_i = -mean_{p∈P(i)} log(exp(s_ip/τ) / Σ_{a∈A(i)} exp(s_ia/τ)), mean over anchors with a positive.
+
+    `pos` [N,M] (P(i)) and `denom` [N,M] (A(i), which must contain P(i)) say, per anchor, which keys are
+    positives and which keys take part at all; a key outside `denom` is neither positive nor negative.
+    Anchors with no positive are skipped; 0 (graph kept) when none has one.
+    """
+    n = anchors.shape[0]
+    if n == 0:
+        return _zero(anchors)
+    pos = pos & denom
     has = pos.any(1)
     if not bool(has.any()):
         return _zero(anchors)
     # Only anchors with a positive: their denominators are non-empty, so no -inf/NaN reaches autograd.
-    pos, in_denom = pos[has], in_denom[has]
-    logits = (a[has] @ keys.t()) / tau
-    logits = logits.masked_fill(~in_denom, float("-inf"))
+    pos, denom = pos[has], denom[has]
+    logits = (anchors.float()[has] @ keys.float().t()) / tau
+    logits = logits.masked_fill(~denom, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     pos_sum = torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(1)
     return -(pos_sum / pos.sum(1)).mean()
 
 
 class MemoryBank(nn.Module):
-    """FIFO ring buffer of detached embeddings with case id, class and anatomical coordinate (mm).
+    """FIFO ring buffer of detached embeddings with case id, class, anatomical coordinate (mm) and
+    whether the class is ground truth (`gt`) — plus, for monitoring only, the held-back true class
+    (`mon`, -1 when unknown), which no loss reads.
 
-    Storage is preallocated once (K x D floats plus K ids/classes/coords) and never grows. Empty slots
-    have `valid` False and `cls` -1, so `supcon_loss(bank_feats=bank.feats, bank_classes=bank.cls)`
-    ignores them and REPS masks stay aligned with the K slots. An `nn.Module` of buffers only (no
-    parameters), so `.to(device)`, `state_dict()` and `load_state_dict()` carry it into checkpoints.
+    Storage is preallocated once and never grows. Empty slots have `valid` False and `cls` -1, so
+    they take part in nothing. An `nn.Module` of buffers only (no parameters), so `.to(device)`,
+    `state_dict()` and `load_state_dict()` carry it into checkpoints.
     """
 
     def __init__(self, size: int, dim: int, coord_dim: int = 3, device: torch.device | str | None = None) -> None:
@@ -215,6 +238,8 @@ class MemoryBank(nn.Module):
         self.register_buffer("case_id", torch.full((size,), -1, dtype=torch.long, device=device))
         self.register_buffer("cls", torch.full((size,), -1, dtype=torch.long, device=device))
         self.register_buffer("coord", torch.zeros(size, coord_dim, device=device))
+        self.register_buffer("gt", torch.zeros(size, dtype=torch.bool, device=device))
+        self.register_buffer("mon", torch.full((size,), -1, dtype=torch.long, device=device))
         self.register_buffer("valid", torch.zeros(size, dtype=torch.bool, device=device))
         self.register_buffer("_ptr", torch.zeros((), dtype=torch.long, device=device))
 
@@ -231,42 +256,75 @@ class MemoryBank(nn.Module):
         return sum(t.nbytes for t in self.buffers())
 
     @torch.no_grad()
-    def push(self, feats: torch.Tensor, case_ids: torch.Tensor, classes: torch.Tensor, coords: torch.Tensor) -> None:
+    def push(self, feats: torch.Tensor, case_ids: torch.Tensor, classes: torch.Tensor, coords: torch.Tensor,
+             gt: torch.Tensor | None = None, mon: torch.Tensor | None = None) -> None:
         """Append M entries, overwriting the oldest; with M > K only the last K are kept."""
         m = feats.shape[0]
         if not (case_ids.shape[0] == classes.shape[0] == coords.shape[0] == m):
             raise ValueError("push: feats, case_ids, classes and coords must have the same length")
         if m == 0:
             return
+        dev = self.feats.device
+        gt = torch.zeros(m, dtype=torch.bool, device=dev) if gt is None else gt
+        mon = torch.full((m,), -1, dtype=torch.long, device=dev) if mon is None else mon
         ptr = self.ptr
         skip = max(0, m - self.size)
-        slots = (ptr + skip + torch.arange(m - skip, device=self.feats.device)) % self.size
+        slots = (ptr + skip + torch.arange(m - skip, device=dev)) % self.size
         self.feats[slots] = feats[skip:].detach().to(self.feats)
         self.case_id[slots] = case_ids[skip:].to(self.case_id)
         self.cls[slots] = classes[skip:].to(self.cls)
         self.coord[slots] = coords[skip:].detach().to(self.coord)
+        self.gt[slots] = gt[skip:].to(self.gt)
+        self.mon[slots] = mon[skip:].to(self.mon)
         self.valid[slots] = True
         self._ptr.fill_((ptr + m) % self.size)
 
 
-def reps_positive_mask(
-    anchor_coords: torch.Tensor, anchor_case: torch.Tensor, bank: MemoryBank, radius_mm: float, k: int = 0
-) -> torch.Tensor:
-    """REPS positives [N,K]: valid bank entries of *other* cases at the same anatomical point.
-
-    "Same point" = coordinate within `radius_mm` of the anchor's (k = 0), or among its k nearest
-    other-case entries (k > 0). NaN coordinates (no registration) match nothing.
+def reps_partners(anchor_coords: torch.Tensor, anchor_case: torch.Tensor, key_coords: torch.Tensor,
+                  key_case: torch.Tensor, cap_xy_mm: float, cap_z_mm: float) -> torch.Tensor:
+    """REPS partners [N,M]: for each anchor and each *other* case among the keys, the one key nearest
+    in anatomical coordinates, if it lies within the caps (through-plane |dz| <= cap_z, in-plane
+    distance <= cap_xy; registration is coarser through-plane). Coordinates are (z,y,x) mm; NaN
+    (outside the slice, or registration not confident there) matches nothing. Distance is measured
+    in units of the caps, so the anisotropy of the registration grid is respected.
     """
-    other_case = bank.case_id.unsqueeze(0) != anchor_case.long().to(bank.case_id.device).unsqueeze(1)
-    eligible = bank.valid.unsqueeze(0) & other_case
-    dist = torch.cdist(anchor_coords.float().to(bank.coord.device), bank.coord)
-    dist = torch.nan_to_num(dist, nan=float("inf")).masked_fill(~eligible, float("inf"))
-    if k > 0:
-        near = torch.zeros_like(eligible)
-        nn_idx = dist.topk(min(k, bank.size), dim=1, largest=False).indices
-        near.scatter_(1, nn_idx, True)
-        return near & torch.isfinite(dist)
-    return dist <= radius_mm
+    n, m = anchor_coords.shape[0], key_coords.shape[0]
+    if n == 0 or m == 0:
+        return torch.zeros(n, m, dtype=torch.bool, device=anchor_coords.device)
+    a, k = anchor_coords.float(), key_coords.float().to(anchor_coords.device)
+    dz = (a[:, None, 0] - k[None, :, 0]).abs()
+    dxy = torch.sqrt((a[:, None, 1] - k[None, :, 1]) ** 2 + (a[:, None, 2] - k[None, :, 2]) ** 2)
+    d = (dz / cap_z_mm) ** 2 + (dxy / cap_xy_mm) ** 2
+    ok = (dz <= cap_z_mm) & (dxy <= cap_xy_mm) & (anchor_case[:, None] != key_case[None, :].to(anchor_case))
+    d = torch.where(ok, torch.nan_to_num(d, nan=float("inf")), torch.full_like(d, float("inf")))
+    # nearest key per (anchor, case): a min per case via scatter, then keys equal to their case's min
+    _, case_idx = torch.unique(key_case, return_inverse=True)
+    idx = case_idx.to(d.device).unsqueeze(0).expand(n, m)
+    best = torch.full((n, int(case_idx.max()) + 1), float("inf"), device=d.device)
+    best = best.scatter_reduce(1, idx, d, reduce="amin")
+    return torch.isfinite(d) & (d == best.gather(1, idx))
+
+
+def contrast_masks(anchor_cls: torch.Tensor, anchor_gt: torch.Tensor, anchor_case: torch.Tensor,
+                   key_cls: torch.Tensor, key_gt: torch.Tensor, key_case: torch.Tensor,
+                   partners: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Positive and participation masks [N,M] of the pixel contrast (keys = the anchors first, then the bank).
+
+    Without `partners` (`cct`): positives are keys of the anchor's class, pseudo or true.
+    With REPS partners (`cct+reps`, DESIGN §4): for a pair of different volumes in which a
+    pseudo-label is involved, the class relation is replaced by registration: the partner is a
+    positive, other keys of the same (pseudo-)class are left out (neither positive nor negative), keys
+    of another class stay negatives. Same-volume pairs and ground-truth pairs keep their class relation.
+    """
+    denom = key_mask(anchor_cls.shape[0], key_cls)
+    same = anchor_cls.long().unsqueeze(1) == key_cls.long().unsqueeze(0)
+    cross_pseudo = (anchor_case.unsqueeze(1) != key_case.unsqueeze(0)) & ~(anchor_gt.unsqueeze(1) & key_gt.unsqueeze(0))
+    pseudo_pairs = same & cross_pseudo & denom  # what REPS replaces (monitored in both variants)
+    if partners is None:
+        return {"pos": same & denom, "denom": denom, "pseudo_pairs": pseudo_pairs}
+    reps = partners & cross_pseudo & denom
+    denom = denom & ~(pseudo_pairs & ~reps)
+    return {"pos": same & denom & ~reps, "reps": reps, "denom": denom, "pseudo_pairs": pseudo_pairs}
 
 
 def ramp_weight(w: float, t: int | float, ramp: int | float) -> float:

@@ -54,7 +54,8 @@ class SegNet(nn.Module):
     """smp model + projection head; `forward(x [B,1,H,W])` -> {"logits" [B,C,H,W], "embed" [B,D,h,w]}."""
 
     def __init__(
-        self, arch: str, encoder: str, num_classes: int, proj_dim: int, encoder_weights: str | None = None
+        self, arch: str, encoder: str, num_classes: int, proj_dim: int, encoder_weights: str | None = None,
+        **arch_kwargs,
     ) -> None:
         super().__init__()
         _check_names(arch, encoder)
@@ -64,7 +65,7 @@ class SegNet(nn.Module):
             raise CctrError(f"model.proj_dim must be >= 1, got {proj_dim}")
         self.arch, self.encoder_name = arch, encoder
         self.num_classes, self.proj_dim = num_classes, proj_dim
-        self.model, self.in_repeat = _create(arch, encoder, num_classes, encoder_weights)
+        self.model, self.in_repeat = _create(arch, encoder, num_classes, encoder_weights, arch_kwargs)
         head_conv = next(m for m in self.model.segmentation_head.modules() if isinstance(m, nn.Conv2d))
         self.proj = ProjectionHead(head_conv.in_channels, proj_dim)
         self.stride = int(getattr(self.model.encoder, "output_stride", 32))
@@ -83,15 +84,15 @@ class SegNet(nn.Module):
                 f"use data.size divisible by {self.stride}"
             )
 
-    def forward(self, x: torch.Tensor, with_embed: bool = True) -> dict[str, torch.Tensor]:
-        """`with_embed=False` skips the projection head (validation/prediction need only logits)."""
+    def forward(self, x: torch.Tensor, with_embed: bool | None = None) -> dict[str, torch.Tensor]:
+        """`with_embed` defaults to the training mode: validation/prediction need only logits."""
         self.check_input(x)
         if self.in_repeat > 1:
             x = x.expand(-1, self.in_repeat, -1, -1)
         feats = self.model.encoder(x)
         dec = self.model.decoder(*feats) if self._decoder_star else self.model.decoder(feats)
         out = {"logits": self.model.segmentation_head(dec)}
-        if with_embed:
+        if self.training if with_embed is None else with_embed:
             out["embed"] = self.proj(dec)
         return out
 
@@ -103,7 +104,8 @@ def _check_names(arch: str, encoder: str) -> None:
         raise CctrError(f"unknown encoder '{encoder}'; valid: {', '.join(encoder_names())} (or tu-<timm model>)")
 
 
-def _create(arch: str, encoder: str, num_classes: int, weights: str | None) -> tuple[nn.Module, int]:
+def _create(arch: str, encoder: str, num_classes: int, weights: str | None, kwargs: dict | None = None
+            ) -> tuple[nn.Module, int]:
     """Build the smp model for grayscale input; returns (model, channels to repeat the input to).
 
     Encoders that refuse `in_channels=1` (MiT in smp < 0.5) are built for 3 channels and fed the
@@ -112,7 +114,8 @@ def _create(arch: str, encoder: str, num_classes: int, weights: str | None) -> t
 
     def make(in_ch: int) -> nn.Module:
         return smp.create_model(
-            arch, encoder_name=encoder, encoder_weights=weights, in_channels=in_ch, classes=num_classes
+            arch, encoder_name=encoder, encoder_weights=weights, in_channels=in_ch, classes=num_classes,
+            **(kwargs or {}),
         )
 
     try:
@@ -120,13 +123,15 @@ def _create(arch: str, encoder: str, num_classes: int, weights: str | None) -> t
             return make(1), 1
         except ValueError:
             return make(3), 3
-    except (KeyError, ValueError, RuntimeError, OSError, AssertionError) as e:
+    except (KeyError, ValueError, RuntimeError, OSError, AssertionError, TypeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CctrError(f"cannot build {arch}/{encoder} (weights={weights}): {first}") from None
 
 
 def build_nets(cfg: ModelConfig, num_classes: int) -> tuple[SegNet, SegNet]:
     """Net A (default CNN U-Net/resnet18) and net B (default SegFormer/mit_b0), as the config says."""
-    a = SegNet(cfg.arch_a, cfg.encoder_a, num_classes, cfg.proj_dim, cfg.encoder_weights)
-    b = SegNet(cfg.arch_b, cfg.encoder_b, num_classes, cfg.proj_dim, cfg.encoder_weights)
+    ka = {"decoder_channels": tuple(cfg.decoder_a)} if cfg.decoder_a else {}
+    kb = {"decoder_segmentation_channels": cfg.decoder_b} if cfg.decoder_b else {}
+    a = SegNet(cfg.arch_a, cfg.encoder_a, num_classes, cfg.proj_dim, cfg.encoder_weights, **ka)
+    b = SegNet(cfg.arch_b, cfg.encoder_b, num_classes, cfg.proj_dim, cfg.encoder_weights, **kb)
     return a, b

@@ -16,6 +16,7 @@ from typing import Any
 
 from optuna.exceptions import ExperimentalWarning
 
+from cctr import workers
 from cctr.config import RunConfig, apply_overrides, flatten, read_yaml
 from cctr.errors import CctrError
 from cctr.paths import mlruns_root
@@ -24,6 +25,9 @@ from cctr.paths import mlruns_root
 warnings.filterwarnings("ignore", category=ExperimentalWarning)
 
 PARAM_TYPES = ("float", "int", "categorical")
+# the repo's search spaces, found from any working directory (like cctr.config.EXPERIMENTS)
+SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
+DEFAULT_SPACE = SWEEPS / "default.yaml"
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,13 @@ class ParamSpec:
             return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log,
                                      step=int(self.step or 1))
         return trial.suggest_categorical(self.name, list(self.choices))
+
+    def describe(self) -> str:
+        """The searched range, as logged on the study's parent run: `float 0.01..0.2 log`."""
+        if self.kind == "categorical":
+            return f"categorical {list(self.choices)}"
+        return f"{self.kind} {self.low:g}..{self.high:g}" + (" log" if self.log else "") + \
+            (f" step {self.step:g}" if self.step else "")
 
 
 @dataclass
@@ -208,39 +219,62 @@ def run_sweep(
     heartbeat_s: int = 30,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    jobs: int = 1,
+    threads: int | None = None,
 ) -> list[StudyResult]:
-    """Run (or resume, or join as one more worker) one study per labeled count."""
+    """Run (or resume, or join as one more worker) one study per labeled count.
+
+    `jobs` > 1 runs that many worker processes on this machine (each with its share of the CPU
+    threads, or one GPU each), all on the same storage: the same thing as starting the command `jobs`
+    times, without the typing.
+    """
     import optuna
 
     from cctr import tracking
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = storage_url or default_storage()
+    # every labeled count's config and split first: bad input fails here, before a storage (an
+    # empty optuna.db), a study or an MLflow run exists; then the storage, which fails fast when
+    # unreachable, before the slow registration
+    cfgs = [apply_overrides(base, [f"data.labeled={n}"]) for n in labeled_counts]
+    splits = [_check_inputs(cfg) for cfg in cfgs]
     storage = make_storage(url, heartbeat_s)
     results = []
     deadline = time.time() + timeout_s if timeout_s else None
-    for n_lab in labeled_counts:
-        cfg = apply_overrides(base, [f"data.labeled={n_lab}"])
-        _prepare_shared(cfg)  # registration trained/applied once, reused by every trial
+    for n_lab, cfg, split in zip(labeled_counts, cfgs, splits):
+        _prepare_registration(cfg, split)  # trained/applied once, reused by every trial
         name = study_name(cfg.data.dataset, n_lab, space)
         study, owner = _open_study(name, storage, space)
-        parent = _parent_run(study, cfg, name, owner)
+        parent = _parent_run(study, cfg, name, owner, space)
         log(f"study {name}: storage {_redact(url)}, parent MLflow run {parent}")
         with tracking.start_run(cfg.data.dataset, name, run_id=parent) as prun:
-            _optimize(study, cfg, space, n_trials, prun.run_id, deadline, progress, log)
+            if jobs > 1:
+                _optimize_parallel(url, heartbeat_s, name, cfg, space, n_trials, prun.run_id, deadline, jobs,
+                                   workers.threads_per_job(jobs, threads), log)
+            else:
+                _optimize(study, cfg, space, n_trials, prun.run_id, deadline, progress, log)
             res = summarize_study(study, n_lab, prun.run_id)
-            prun.log_metrics({k: v for k, v in (res.best or {}).items() if isinstance(v, float)}, 0)
+            prun.log_metrics({f"best_{k}": v for k, v in (res.best or {}).items() if isinstance(v, float)}, 0)
+            if res.best:
+                prun.set_tags(best_tags(res.best, study_name=name))
             _log_study_figures(study, prun)
         results.append(res)
     return results
 
 
-def _prepare_shared(cfg: RunConfig) -> None:
+def _check_inputs(cfg: RunConfig):
+    """The config's values and the split it asks for (a CctrError when either is bad)."""
     from cctr.data.datasets import load_dataset, make_split
+    from cctr.train import validate_config
+
+    validate_config(cfg)
+    return make_split(load_dataset(cfg.data.dataset), cfg.data.labeled, cfg.data.seed, cfg.data.labeled_seed)
+
+
+def _prepare_registration(cfg: RunConfig, split) -> None:
     from cctr.train import get_method
 
-    ds = load_dataset(cfg.data.dataset)
-    split = make_split(ds, cfg.data.labeled, cfg.data.seed)
     if get_method(cfg.train.method).needs_registration:
         from cctr.registration import ensure_registration, registration_maps
 
@@ -261,11 +295,13 @@ def _open_study(name: str, storage, space: Space):
         return optuna.load_study(**kw), False
 
 
-def _parent_run(study, cfg: RunConfig, name: str, owner: bool, wait_s: float = 60.0) -> str:
+def _parent_run(study, cfg: RunConfig, name: str, owner: bool, space: Space, wait_s: float = 60.0) -> str:
     """One MLflow parent run per study, remembered on the study so workers and re-runs share it.
 
     Only the study's owner creates it; other workers wait for its id. If none appears in `wait_s`
-    (the owner died before writing it), this worker creates one.
+    (the owner died before writing it), this worker creates one. Its params are what every trial
+    shares (`base.*`) and the searched ranges (`search.*`); a searched key's base value, which no
+    trial used, is not logged.
     """
     from cctr import tracking
 
@@ -275,15 +311,14 @@ def _parent_run(study, cfg: RunConfig, name: str, owner: bool, wait_s: float = 6
         time.sleep(0.5)
     if rid:
         return rid
-    c = tracking.client()
-    run = c.create_run(tracking.experiment_id(cfg.data.dataset), run_name=name,
-                       tags={"mlflow.runName": name, "optuna_study": name, "role": "study",
-                             "labeled": str(cfg.data.labeled)})
-    rid = run.info.run_id
-    tracking.Run(rid).log_params({"study": name, **{f"base.{k}": v for k, v in flatten(cfg).items()}})
-    c.set_terminated(rid, "FINISHED")
-    study.set_user_attr(key, rid)
-    return rid
+    searched = {p.name: p.describe() for p in space.params}
+    params = {"study": name, **{f"base.{k}": v for k, v in flatten(cfg).items() if k not in searched},
+              **{f"search.{k}": v for k, v in searched.items()}}
+    run = tracking.create_run(cfg.data.dataset, name, params=params,
+                              tags={"optuna_study": name, "role": "study", "labeled": cfg.data.labeled})
+    tracking.end_run(run.run_id, "FINISHED")
+    study.set_user_attr(key, run.run_id)
+    return run.run_id
 
 
 def _finished(study) -> int:
@@ -307,6 +342,38 @@ def _optimize(study, cfg: RunConfig, space: Space, n_trials: int, parent: str, d
         study.optimize(objective, n_trials=1, catch=(), gc_after_trial=True)
 
 
+def _optimize_parallel(url: str, heartbeat_s: int, name: str, cfg: RunConfig, space: Space, n_trials: int,
+                       parent: str, deadline, jobs: int, threads: int, log) -> None:
+    """`jobs` spawned workers optimise the one study until it has `n_trials` finished trials; Ctrl-C
+    or SIGTERM stops them all (their runs end KILLED, their trials are failed and retried on resume)."""
+    log(f"sweep: {jobs} workers, {threads} thread(s) each")
+    args = (url, heartbeat_s, name, cfg, space, n_trials, parent, deadline, threads, os.getpid())
+    procs = workers.spawn(_sweep_worker, lambda w: args, jobs, threads, "cctr-sweep-worker")
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        workers.stop(procs)
+        raise
+    failed = [p.exitcode for p in procs if p.exitcode]
+    if failed:
+        raise CctrError(f"sweep: {len(failed)} worker(s) failed (exit codes {failed}); see the FAILED trials")
+
+
+def _sweep_worker(url: str, heartbeat_s: int, name: str, cfg: RunConfig, space: Space, n_trials: int, parent: str,
+                  deadline, threads: int, parent_pid: int) -> None:
+    import optuna
+
+    if not workers.enter_worker(parent_pid, threads):
+        return
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study, _ = _open_study(name, make_storage(url, heartbeat_s), space)
+        _optimize(study, cfg, space, n_trials, parent, deadline, False, lambda m: None)
+    except KeyboardInterrupt:
+        return
+
+
 def _objective(trial, cfg: RunConfig, space: Space, parent: str, progress: bool) -> float:
     import optuna
 
@@ -322,19 +389,52 @@ def _objective(trial, cfg: RunConfig, space: Space, parent: str, progress: bool)
         if trial.should_prune():
             raise Pruned(f"pruned at iteration {step} (val dice {val:.4f})")
 
+    def on_start(rid: str) -> None:
+        from cctr import tracking
+
+        run_name = trial_run_name(tcfg, trial.number, values)
+        trial.set_user_attr("mlflow_run_id", rid)
+        trial.set_user_attr("mlflow_run_name", run_name)
+        tracking.Run(rid).rename(run_name)
+
     run_dir = run_dir_for(tcfg) / f"trial{trial.number}-{os.getpid()}"
     try:
         res = train(tcfg, run_dir, progress=progress, on_validation=on_validation, parent_run_id=parent,
-                    tags={"optuna_study": name, "optuna_trial": trial.number},
-                    on_start=lambda rid: trial.set_user_attr("mlflow_run_id", rid))
+                    tags={"optuna_study": name, "optuna_trial": trial.number}, on_start=on_start)
     except Pruned as e:
         raise optuna.TrialPruned(str(e)) from None
     except Diverged as e:
         raise optuna.TrialPruned(f"diverged: {e}") from None
-    for k in ("test_dice", "test_hd95", "val_best_dice"):
+    for k in ("test_dice", "test_hd95_mm", "val_best_dice"):
         if k in res.metrics:
             trial.set_user_attr(k, float(res.metrics[k]))
     return float(res.metrics["val_best_dice"])
+
+
+def _short_keys(keys) -> dict[str, str]:
+    """`train.w_ct` → `w_ct`; the full key where two sections share the last part."""
+    keys = list(keys)
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: s if last.count(s) == 1 else k for k, s in zip(keys, last)}
+
+
+def trial_run_name(cfg: RunConfig, number: int, values: dict[str, Any]) -> str:
+    """`cctr-l1-t3 w_ct=0.42 w_con=0.05`: method, labeled count, trial number and the sampled values,
+    so the trials of a study differ in the runs table and in chart legends."""
+    short = _short_keys(values)
+    vals = " ".join(f"{short[k]}={v:.3g}" if isinstance(v, float) else f"{short[k]}={v}" for k, v in values.items())
+    return f"{cfg.train.method}-l{cfg.data.labeled}-t{number} {vals}".strip()
+
+
+def best_tags(best: dict, study_name: str) -> dict[str, str]:
+    """`best.*` tags (tags, not params: a resumed study may find a better trial) and the run's
+    description naming the winner, shown at the top of the parent run's page."""
+    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+    note = (f"Study {study_name}: best trial #{best['trial']}, run {best['run_name']} "
+            f"({best['run_id']}), validation Dice {best['val_dice']:.4f}; {params}.")
+    return {"best.trial": best["trial"], "best.run_id": best["run_id"], "best.run_name": best["run_name"],
+            "best.val_dice": f"{best['val_dice']:.4f}", **{f"best.{k}": v for k, v in best["params"].items()},
+            "mlflow.note.content": note}
 
 
 def summarize_study(study, labeled: int, parent: str) -> StudyResult:
@@ -346,8 +446,10 @@ def summarize_study(study, labeled: int, parent: str) -> StudyResult:
     if n[TrialState.COMPLETE]:
         bt = study.best_trial
         best = {"trial": bt.number, "val_dice": float(bt.value), "params": dict(bt.params),
+                "run_id": bt.user_attrs.get("mlflow_run_id", "-"),
+                "run_name": bt.user_attrs.get("mlflow_run_name", f"trial {bt.number}"),
                 "test_dice": float(bt.user_attrs.get("test_dice", float("nan"))),
-                "test_hd95": float(bt.user_attrs.get("test_hd95", float("nan")))}
+                "test_hd95_mm": float(bt.user_attrs.get("test_hd95_mm", float("nan")))}
     return StudyResult(labeled, study.study_name, parent, n[TrialState.COMPLETE], n[TrialState.PRUNED],
                        n[TrialState.FAIL], best)
 

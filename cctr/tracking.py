@@ -7,7 +7,10 @@ Uses `MlflowClient` directly (no fluent global state) so nested runs and several
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,19 +44,84 @@ def client():
     return _clients[uri]
 
 
+# MLflow 3's UI opens an experiment in the view its kind names; untagged ones may open in the GenAI
+# (traces) view, where training runs are hidden. The tag and value are those the UI's selector writes.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def experiment_id(name: str) -> str:
-    """One experiment per dataset; created with artifacts under mlruns/artifacts."""
+    """One experiment per dataset; created with artifacts under mlruns/artifacts, marked as model
+    training (also when an older store's experiment is reopened)."""
     c = client()
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return c.create_experiment(name, artifact_location=f"{artifact_root()}/{name}")
-    except Exception:  # created concurrently by another worker
-        exp = c.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            exp_id = c.create_experiment(name, artifact_location=f"{artifact_root()}/{name}",
+                                         tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except Exception:  # created concurrently by another worker
+            exp = c.get_experiment_by_name(name)
+            if exp is None:
+                raise
+        else:
+            return exp_id
+    mark_training_experiment(exp)
+    return exp.experiment_id
+
+
+def mark_training_experiment(exp) -> None:
+    """Tag `exp` as a model-training experiment unless someone chose a kind in the UI already."""
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+# the metric convention of every number a training run logs (`cctr evaluate` names others in the key)
+METRIC_CONVENTION = "strict"
+# what started the runs of this process, e.g. `cctr sweep`; the CLI sets it, scripts keep their name
+SOURCE_NAME = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+
+
+@functools.lru_cache(maxsize=1)
+def git_tags() -> dict[str, str]:
+    """Commit and dirty flag of the checkout this package runs from; {} outside a git checkout.
+
+    `GIT_OPTIONAL_LOCKS=0`: `git status` must not take the index lock of a tree others are using;
+    `safe.directory`: a checkout owned by another user (a shared install) still names its commit.
+    """
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")
+
+    def git(*args: str) -> str | None:
+        try:
+            p = subprocess.run(["git", "-c", f"safe.directory={root}", "-C", str(root), *args],
+                               capture_output=True, text=True, env=env, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return p.stdout if p.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    if not commit or status is None:
+        return {}
+    return {"mlflow.source.git.commit": commit.strip(), "git_dirty": str(bool(status.strip())).lower()}
+
+
+def provenance_tags() -> dict[str, str]:
+    """Tags every run carries: where its code came from and what convention its metrics follow."""
+    return {"mlflow.source.name": SOURCE_NAME, "mlflow.source.type": "LOCAL", **git_tags(),
+            "metric_convention": METRIC_CONVENTION}
+
+
+def create_run(experiment: str, run_name: str, tags: dict[str, Any] | None = None,
+               params: dict[str, Any] | None = None, parent_run_id: str | None = None) -> "Run":
+    """A new RUNNING run with the provenance tags, `tags` (which win) and `params`."""
+    t = {"mlflow.runName": run_name, **provenance_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
+    if parent_run_id:
+        t["mlflow.parentRunId"] = parent_run_id
+    run = Run(client().create_run(experiment_id(experiment), run_name=run_name, tags=t).info.run_id)
+    if params:
+        run.log_params(params)
+    return run
 
 
 class Run:
@@ -76,6 +144,9 @@ class Run:
         ps = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(ps), 90):
             client().log_batch(self.run_id, params=ps[i:i + 90])
+
+    def rename(self, name: str) -> None:
+        client().update_run(self.run_id, name=name)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
@@ -128,12 +199,7 @@ def start_run(
         c.update_run(run_id, status="RUNNING")
         run = Run(run_id)
     else:
-        t = {"mlflow.runName": run_name, **{k: str(v) for k, v in (tags or {}).items()}}
-        if parent_run_id:
-            t["mlflow.parentRunId"] = parent_run_id
-        run = Run(c.create_run(experiment_id(experiment), run_name=run_name, tags=t).info.run_id)
-        if params:
-            run.log_params(params)
+        run = create_run(experiment, run_name, tags, params, parent_run_id)
     try:
         yield run
     except KeyboardInterrupt:

@@ -1,13 +1,13 @@
 """The one training loop (DESIGN §4). Every Table-1 row is a set of switches on it, never a copy.
 
 A run: data + split → (registration maps if the method needs them) → two nets trained jointly →
-validation every N iterations (3D metrics, pseudo-label quality) → best/last checkpoints →
-test evaluation of both. Everything is logged to one MLflow run that always ends in a final state.
+validation (Dice, pseudo-label quality) every N iterations → best/last checkpoints → test evaluation
+of both (Dice/HD95/ASD, in `cctr.evaluate`). Everything is logged to one MLflow run that always ends
+in a final state.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import random
 from collections.abc import Callable
@@ -19,10 +19,17 @@ import numpy as np
 import torch
 
 from cctr.checkpoint import load_checkpoint, save_checkpoint
-from cctr.config import RunConfig, flatten, from_dict, to_dict
+from cctr.config import RunConfig, flatten, to_dict
 from cctr.errors import CctrError
-
-CKPT_FORMAT = "cctr-segmentation"
+from cctr.evaluate import (
+    CKPT_FORMAT,
+    device_for,
+    dice_summary,
+    evaluate_predictions,
+    load_nets,
+    predict_cases,
+    write_rows,
+)
 
 
 @dataclass(frozen=True)
@@ -33,7 +40,7 @@ class Method:
     ct: bool = False  # cross-teaching
     con: bool = False  # pixel contrastive
     rsl: bool = False  # registration supervision
-    reps: bool = False  # registration-enhanced positives (memory bank)
+    reps: bool = False  # registration-enhanced positive sampling
     all_labeled: bool = False  # `full`: every training label (upper bound)
     train: bool = True  # `reg-only` trains nothing
 
@@ -64,12 +71,15 @@ def validate_config(cfg: RunConfig) -> Method:
     """Reject bad values before anything is created (no MLflow run, no files)."""
     m = get_method(cfg.train.method)
     t = cfg.train
-    for k in ("w_ct", "w_rsl", "w_con", "lr", "weight_decay", "tau", "reps_radius_mm", "grad_clip"):
+    for k in ("w_ct", "w_rsl", "w_con", "lr", "weight_decay", "tau", "reps_cap", "reps_weight", "grad_clip",
+              "rsl_yield_conf", "memory_size"):
         if getattr(t, k) < 0:
             raise CctrError(f"train.{k} must be >= 0, got {getattr(t, k)}")
-    if t.tau == 0:
-        raise CctrError("train.tau must be > 0")
-    for k in ("iters", "batch_labeled", "val_every", "memory_size", "anchors_per_class"):
+    if t.contrast not in ("per_net", "joint"):
+        raise CctrError(f"train.contrast must be per_net or joint, got '{t.contrast}'")
+    if t.tau == 0 or t.reps_cap == 0:
+        raise CctrError("train.tau and train.reps_cap must be > 0")
+    for k in ("iters", "batch_labeled", "val_every", "ckpt_every", "anchors_per_class"):
         if getattr(t, k) < 1:
             raise CctrError(f"train.{k} must be >= 1, got {getattr(t, k)}")
     if m.unlabeled and t.batch_unlabeled < 1:
@@ -83,10 +93,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def device_for() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -108,7 +114,7 @@ def build_data(cfg: RunConfig, method: Method) -> RunData:
     from cctr.data.slices import SliceDataset
 
     ds = load_dataset(cfg.data.dataset)
-    split = make_split(ds, cfg.data.labeled, cfg.data.seed)
+    split = make_split(ds, cfg.data.labeled, cfg.data.seed, cfg.data.labeled_seed)
     labeled = list(split.train) if method.all_labeled else list(split.labeled)
     train_ids = list(split.train) if method.unlabeled else labeled
     reg = None
@@ -117,17 +123,21 @@ def build_data(cfg: RunConfig, method: Method) -> RunData:
 
         reg = registration_maps(cfg.data.dataset, cfg.registration, split)
     lab = set(labeled)
-    cases = [ds.case(c) for c in train_ids]
-    maps: dict[str, list[np.ndarray | None]] = {
+    cases = [ds.case(c) for c in train_ids]  # images and labels memory-mapped, read slice by slice
+    maps: dict[str, list] = {
         # unlabeled cases' labels never enter training (DESIGN §3)
         "label": [c.label if c.case_id in lab else None for c in cases],
     }
     kinds = {"label": "label"}
+    if method.con:  # held-back labels for the pair-precision monitor only: no loss reads "label_mon"
+        maps["label_mon"] = [c.label for c in cases]
+        kinds["label_mon"] = "label"
     if reg is not None and method.train:
-        maps["y_reg"] = [reg.y_reg(c) for c in train_ids]
-        maps["c_reg"] = [reg.c_reg(c) for c in train_ids]
-        maps["coords"] = [reg.coords(c) for c in train_ids]
-        kinds.update(y_reg="label", c_reg="linear", coords="linear")
+        stored = [reg[c] for c in train_ids]  # y_reg compressed per slice; c_reg, coords on the grid
+        maps["y_reg"] = [m.y_reg for m in stored]
+        maps["c_reg"] = [m.c_reg for m in stored]
+        maps["coords"] = [m.coords for m in stored]
+        kinds.update(y_reg="label", c_reg="field", coords="field")
     slices = SliceDataset([c.image for c in cases], maps, kinds, size=cfg.data.size, augment=True,
                           seed=cfg.train.seed)
     l_idx = [i for i, c in enumerate(train_ids) if c in lab]
@@ -146,124 +156,176 @@ class StepState:
     best_dice: float = -1.0
     best_iter: int = -1
     history: list[dict] = field(default_factory=list)
+    # pair-precision counts pooled over the first quarter of training (the paper's Fig. 2 claim)
+    early: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Contrast:
+    """What the contrastive term reads besides the batch: the memory banks (one per net by default:
+    each net's projection head has its own embedding space) and REPS's match caps in mm."""
+
+    banks: list[Any] | None
+    cap_xy: float = math.inf
+    cap_z: float = math.inf
+
+
+MONITOR = ("reps_pos", "reps_anchors", "anchors", "reps_hits", "reps_pairs", "pl_hits", "pl_pairs", "rsl_yield")
+
+
+def reps_caps(cfg: RunConfig, data: RunData) -> tuple[float, float]:
+    """(in-plane, through-plane) REPS caps: `reps_cap` registration-grid cells of the reference labeled
+    case, whose millimetres the anatomical coordinates are in."""
+    ref = data.ds.case(data.split.labeled[0])
+    r = cfg.registration
+    cell = [(f if f > 0 else n * s) / g for f, n, s, g in zip(r.fov_mm, ref.shape, ref.spacing, r.grid)]
+    return cfg.train.reps_cap * max(cell[1], cell[2]), cfg.train.reps_cap * cell[0]
 
 
 def poly_lr(base: float, it: int, total: int, power: float) -> float:
     return base * (1 - it / total) ** power
 
 
-def loss_terms(cfg: RunConfig, method: Method, nets, batch: dict, bank, it: int, gen: torch.Generator,
-               device: torch.device) -> dict[str, torch.Tensor]:
-    """All loss terms of one batch; the caller weights and sums them."""
+def loss_terms(cfg: RunConfig, method: Method, nets, batch: dict, con: Contrast | None, gen: torch.Generator,
+               device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """All loss terms of one batch (the caller weights and sums them) and the step's monitor counts."""
     from cctr import losses as L
 
     t = cfg.train
     b_l = t.batch_labeled
     img = batch["image"].to(device, non_blocking=True)
-    outs = [net(img) for net in nets]
+    outs = [net(img, with_embed=method.con) for net in nets]  # no projection head without a contrast
     logits = [o["logits"] for o in outs]
     C = logits[0].shape[1]  # the nets know their class count; no dataset lookup on the hot path
     y = batch["label"].to(device).long()
     terms: dict[str, torch.Tensor] = {}
+    stats: dict[str, float] = {}
     terms["sup"] = sum(L.dice_ce(lg[:b_l], y[:b_l], C) for lg in logits)
     if not method.unlabeled:
-        return terms
+        return terms, stats
     la, lb = logits[0][b_l:], logits[1][b_l:]
     zero = img.new_zeros(())
     terms["ct"] = L.cross_teaching(la, lb, C) if method.ct else zero
     if method.rsl:
         yr = batch["y_reg"].to(device).long()[b_l:]
         cr = batch["c_reg"].to(device).float()[b_l:].reshape(yr.shape)
-        cr = cr * batch["valid"].to(device)[b_l:]  # pixels rotated in from outside the slice carry no label
-        terms["rsl"] = sum(L.rsl_loss(lg, yr, cr, t.conf_threshold, C) for lg in (la, lb))
+        ignore = ~batch["valid"].to(device)[b_l:]  # pixels rotated in from outside the slice carry no label
+        yielded = rsl_yield(la, lb, yr, t.rsl_yield_conf) & ~ignore & (cr >= t.conf_threshold)
+        stats["rsl_yield"] = float(yielded.float().mean())
+        terms["rsl"] = sum(L.rsl_loss(lg, yr, cr, t.conf_threshold, C, ignore | yielded) for lg in (la, lb))
     if method.con:
-        terms["con"] = contrastive_term(cfg, method, outs, logits, y, batch, bank, gen, device)
-    return terms
+        terms["con"] = contrastive_term(cfg, method, outs, logits, y, batch, con, gen, device, stats)
+    return terms, stats
 
 
-def contrastive_term(cfg, method, outs, logits, y, batch, bank, gen, device) -> torch.Tensor:
-    """Pixel contrast over anchors of both nets; labels: GT on labeled, the other net's argmax on unlabeled."""
-    import torch.nn.functional as F
+def rsl_yield(la: torch.Tensor, lb: torch.Tensor, y_reg: torch.Tensor, conf: float) -> torch.Tensor:
+    """Pixels where RSL gives way: both nets agree on a class other than y_reg, each at least `conf` sure.
 
+    Registration labels help most while the nets are poor; once the nets are better than y_reg (the
+    crossover of the pseudo-label-quality curves) they agree confidently where registration is wrong,
+    and RSL must not pull them back to the registration's quality.
+    """
+    with torch.no_grad():
+        pa, ya = torch.softmax(la.float(), 1).max(1)
+        pb, yb = torch.softmax(lb.float(), 1).max(1)
+        return (ya == yb) & (ya != y_reg) & (pa >= conf) & (pb >= conf)
+
+
+def contrastive_term(cfg: RunConfig, method: Method, outs, logits, y, batch, con: Contrast | None, gen,
+                     device, stats: dict[str, float]) -> torch.Tensor:
+    """Pixel contrast of each net's anchors against its own batch anchors and memory bank (DESIGN §4);
+    `train.contrast: joint` contrasts both nets' anchors together against one bank instead.
+
+    Labels: ground truth on labeled slices, the *other* net's argmax on unlabeled ones. Every anchor
+    attribute (label, coordinate, validity, confidence, monitor label) is read at the same pixel
+    (`nearest_index`). With REPS, coordinates of pixels rotated in from outside the slice or below the
+    confidence threshold are NaN, so they match nothing.
+    """
     from cctr import losses as L
 
     t = cfg.train
     b_l = t.batch_labeled
-    feats, classes, coords, cases = [], [], [], []
+    B = y.shape[0]
+    case = batch["case_index"].to(device).long()
+    is_gt = torch.arange(B, device=device) < b_l
+    mon = batch["label_mon"].to(device).long() if "label_mon" in batch else torch.full_like(y, -1)
+    coords = None
+    if method.reps:
+        ok = batch["valid"].to(device) & (batch["c_reg"].to(device).float().reshape(y.shape) >= t.conf_threshold)
+        coords = batch["coords"].to(device).float().masked_fill(~ok.unsqueeze(1), float("nan"))
+    anchors = []  # per net: (feats, class, case, is-GT, monitor label, coords)
     for k, o in enumerate(outs):
         emb = o["embed"]
-        h, w = emb.shape[-2:]
-        other = logits[1 - k].detach().argmax(1)
-        lab = torch.cat([y[:b_l], other[b_l:]], 0)
-        lab = L.resize_nearest(lab, (h, w))
-        f, c, pos = L.sample_anchors(emb, lab, t.anchors_per_class, gen)
-        feats.append(f)
-        classes.append(c)
-        if method.reps:
-            co = batch["coords"].to(device).float()
-            co = F.interpolate(co, size=(h, w), mode="bilinear", align_corners=False)
-            bi, yy, xx = pos
-            coords.append(co[bi, :, yy, xx])
-            cases.append(batch["case_index"].to(device)[bi])
-    f = torch.cat(feats)
-    c = torch.cat(classes)
-    if not method.reps:
-        return L.supcon_loss(f, c, t.tau)
-    co, ca = torch.cat(coords), torch.cat(cases)
-    extra = L.reps_positive_mask(co, ca, bank, t.reps_radius_mm, t.reps_k)
-    loss = L.supcon_loss(f, c, t.tau, extra_pos_mask=extra, bank_feats=bank.feats, bank_classes=bank.cls,
-                         bank_valid=bank.valid)
-    bank.push(f.detach(), ca, c, co)
-    return loss
+        iy, ix = L.nearest_index(tuple(y.shape[-2:]), emb.shape[-2:], device)
+
+        def at(x: torch.Tensor) -> torch.Tensor:
+            return x[..., iy[:, None], ix[None, :]]
+
+        lab = at(torch.cat([y[:b_l], logits[1 - k].detach().argmax(1)[b_l:]], 0))
+        f, c, (bi, yy, xx) = L.sample_anchors(emb, lab, t.anchors_per_class, gen)
+        co = at(coords)[bi, :, yy, xx] if coords is not None else f.new_full((f.shape[0], 3), float("nan"))
+        anchors.append((f, c, case[bi], is_gt[bi], at(mon)[bi, yy, xx], co))
+    if t.contrast == "joint":  # both nets' embeddings in one space, one bank
+        anchors = [tuple(torch.cat(parts) for parts in zip(*anchors))]
+    total = y.new_zeros((), dtype=torch.float32)
+    for k, (f, c, a_case, a_gt, a_mon, a_co) in enumerate(anchors):
+        keys, k_cls, k_case, k_gt, k_co, k_mon = f, c, a_case, a_gt, a_co, a_mon
+        bank = con.banks[k] if con is not None and con.banks else None
+        if bank is not None:
+            keys = torch.cat([f, bank.feats.to(f)], 0)
+            k_cls = torch.cat([c, bank.cls.masked_fill(~bank.valid, -1)])
+            k_case, k_gt = torch.cat([a_case, bank.case_id]), torch.cat([a_gt, bank.gt])
+            k_co, k_mon = torch.cat([a_co, bank.coord]), torch.cat([a_mon, bank.mon])
+        partners = L.reps_partners(a_co, a_case, k_co, k_case, con.cap_xy, con.cap_z) if method.reps else None
+        m = L.contrast_masks(c, a_gt, a_case, k_cls, k_gt, k_case, partners)
+        loss = L.masked_supcon(f, keys, m["pos"], m["denom"], t.tau)
+        if partners is not None:  # its own normalisation: a few registration positives are not drowned
+            loss = loss + t.reps_weight * L.masked_supcon(f, keys, m["reps"], m["denom"], t.tau)
+        total = total + loss
+        _count_pairs(stats, m, a_mon, k_mon)
+        if bank is not None:
+            bank.push(f.detach(), a_case, c, a_co, a_gt, a_mon)
+    return total
 
 
-def cfg_num_classes(cfg: RunConfig) -> int:
-    from cctr.data.datasets import get_spec
+def _count_pairs(stats: dict[str, float], masks: dict[str, torch.Tensor], a_mon, k_mon) -> None:
+    """Monitor only (held-back labels): how often REPS pairs and pseudo-label pairs share the true class."""
+    known = (a_mon.unsqueeze(1) >= 0) & (k_mon.unsqueeze(0) >= 0)
+    agree = a_mon.unsqueeze(1) == k_mon.unsqueeze(0)
+    add = {"anchors": a_mon.shape[0], "pl_hits": (masks["pseudo_pairs"] & known & agree).sum(),
+           "pl_pairs": (masks["pseudo_pairs"] & known).sum()}
+    if "reps" in masks:
+        r = masks["reps"]
+        add.update(reps_pos=r.sum(), reps_anchors=r.any(1).sum(), reps_hits=(r & known & agree).sum(),
+                   reps_pairs=(r & known).sum())
+    for key, v in add.items():
+        stats[key] = stats.get(key, 0.0) + float(v)
 
-    return get_spec(cfg.data.dataset).num_classes
+
+def monitor_metrics(counts: dict[str, float], steps: int) -> dict[str, float]:
+    """Per-window rates from pooled counts (NaN-free: a rate without pairs is not logged)."""
+    out: dict[str, float] = {}
+    if counts.get("reps_pairs"):
+        out["reps_pair_precision"] = counts["reps_hits"] / counts["reps_pairs"]
+    if counts.get("pl_pairs"):
+        out["pl_pair_precision"] = counts["pl_hits"] / counts["pl_pairs"]
+    if counts.get("anchors") and "reps_pos" in counts:
+        out["reps_pos_per_anchor"] = counts["reps_pos"] / counts["anchors"]
+        out["reps_anchor_frac"] = counts["reps_anchors"] / counts["anchors"]
+    if "rsl_yield" in counts and steps:
+        out["rsl_yield_frac"] = counts["rsl_yield"] / steps
+    return out
 
 
 # ----------------------------------------------------------------------------- validation
 
 
-def predict_cases(nets, ds, ids: list[str], size: int, device) -> dict[str, dict[str, np.ndarray]]:
-    """Per case: net A, net B and ensemble labels at native resolution."""
-    from cctr.inference import predict_volume
-
-    out = {}
-    for cid in ids:
-        img = ds.case(cid).image
-        pa = predict_volume([nets[0]], img, size, device=device, return_probs=True)
-        pb = predict_volume([nets[1]], img, size, device=device, return_probs=True)
-        out[cid] = {"a": pa.argmax(0).astype(np.uint8), "b": pb.argmax(0).astype(np.uint8),
-                    "ens": ((pa + pb) / 2).argmax(0).astype(np.uint8)}
-    return out
-
-
-def evaluate_predictions(preds: dict[str, np.ndarray], ds, convention: str = "strict") -> tuple[list[dict], dict]:
-    """Per-case rows (one per case x class) and the summary (mean over classes, then cases)."""
-    from cctr.metrics import case_metrics, summarize
-
-    spec = ds.spec
-    rows, per_case = [], []
-    for cid, pred in preds.items():
-        case = ds.case(cid)
-        m = case_metrics(pred, case.label, case.spacing, spec.num_classes, convention=convention)
-        per_case.append(m)
-        for k in range(1, spec.num_classes):
-            rows.append({"case": cid, "class": spec.class_names[k], "dice": float(m["dice"][k - 1]),
-                         "hd95": float(m["hd95"][k - 1]), "asd": float(m["asd"][k - 1])})
-    summ = summarize(per_case)
-    for metric in ("dice", "hd95"):  # per-class means as plain floats: logged, and Table 1's CSV
-        for k, name in enumerate(spec.class_names[1:]):
-            summ[f"{metric}_{name}"] = float(summ[f"{metric}_per_class"][k])
-    return rows, summ
-
-
-def pseudo_label_quality(nets, data: RunData, size: int, device, max_cases: int = 4) -> dict[str, float]:
+def pseudo_label_quality(nets, data: RunData, size: int, device, reg_dice: dict[str, float],
+                         max_cases: int = 4) -> dict[str, float]:
     """DESIGN §5 / Fig. 4: Dice of each net's and of y_reg's labels on unlabeled training cases.
 
-    Held-back labels are read here for monitoring only; they never reach the loss.
+    Held-back labels are read here for monitoring only; they never reach the loss. `reg_dice` caches
+    y_reg's Dice, which does not change during a run.
     """
     from cctr.metrics import dice_per_class
 
@@ -278,7 +340,9 @@ def pseudo_label_quality(nets, data: RunData, size: int, device, max_cases: int 
         acc["pl_dice_a"].append(np.nanmean(dice_per_class(preds[cid]["a"], gt, C)))
         acc["pl_dice_b"].append(np.nanmean(dice_per_class(preds[cid]["b"], gt, C)))
         if data.reg is not None:
-            acc["pl_dice_reg"].append(np.nanmean(dice_per_class(data.reg.y_reg(cid), gt, C)))
+            if cid not in reg_dice:
+                reg_dice[cid] = float(np.nanmean(dice_per_class(data.reg.y_reg(cid), gt, C)))
+            acc["pl_dice_reg"].append(reg_dice[cid])
     return {k: float(np.mean(v)) for k, v in acc.items() if v}
 
 
@@ -306,14 +370,15 @@ def weights_payload(cfg: RunConfig, nets, state: StepState, run_id: str | None) 
     }
 
 
-def checkpoint_payload(cfg: RunConfig, nets, opt, bank, state: StepState, run_id: str | None,
+def checkpoint_payload(cfg: RunConfig, nets, opt, con: Contrast | None, state: StepState, run_id: str | None,
                        scaler=None) -> dict:
     """A resumable checkpoint (last.pt): the weights plus everything an exact resume restores."""
+    banks = con.banks if con is not None and con.banks else []
     return {
         **weights_payload(cfg, nets, state, run_id),
         "optimizer": opt.state_dict(),
-        "bank": bank.state_dict() if bank is not None else {},
-        "history": state.history,
+        "banks": [b.state_dict() for b in banks],
+        "history": state.history, "early": dict(state.early),
         "rng_torch": torch.get_rng_state(), "rng_numpy": _np_state(),
         "scaler": scaler.state_dict() if scaler is not None else {},
     }
@@ -328,23 +393,10 @@ def _set_np_state(d: dict) -> None:
     np.random.set_state(("MT19937", d["keys"].numpy().astype(np.uint32), d["pos"], 0, 0.0))
 
 
-def load_nets(path: str | Path, device=None):
-    """(cfg, nets) from a segmentation checkpoint: the checkpoint alone is enough."""
-    from cctr.models import build_nets
-
-    ck = load_checkpoint(path, CKPT_FORMAT)
-    cfg = from_dict(RunConfig, ck["config"])
-    nets = build_nets(cfg.model, cfg_num_classes(cfg))
-    nets[0].load_state_dict(ck["state_a"])
-    nets[1].load_state_dict(ck["state_b"])
-    dev = device or device_for()
-    return cfg, [n.to(dev).eval() for n in nets], ck
-
-
 def train(cfg: RunConfig, run_dir: Path, *, resume: Path | None = None, progress: bool = True,
           on_validation: Callable[[int, float], None] | None = None, parent_run_id: str | None = None,
           tags: dict[str, Any] | None = None, stop_after: int | None = None,
-          on_start: Callable[[str], None] | None = None) -> TrainResult:
+          on_start: Callable[[str], None] | None = None, run_name: str | None = None) -> TrainResult:
     """Train (or, for `reg-only`, just evaluate) one configuration; see the module docstring.
 
     `on_validation(iteration, val_dice)` may raise to stop the run (the sweep's pruning).
@@ -365,7 +417,7 @@ def train(cfg: RunConfig, run_dir: Path, *, resume: Path | None = None, progress
     t = dict(tags or {})
     t.update({"method": cfg.train.method, "labeled": cfg.data.labeled, "seed": cfg.train.seed,
               "dataset": cfg.data.dataset, "stage": "segmentation", "checkpoint_dir": str(run_dir.resolve())})
-    name = f"{cfg.train.method}-l{cfg.data.labeled}-s{cfg.train.seed}"
+    name = run_name or f"{cfg.train.method}-l{cfg.data.labeled}-s{cfg.train.seed}"
     with tracking.start_run(cfg.data.dataset, name, tags=t, params=flatten(cfg) if run_id is None else None,
                             parent_run_id=parent_run_id, run_id=run_id) as run:
         if on_start is not None:
@@ -381,8 +433,8 @@ def _evaluate_reg_only(data: RunData, run, run_dir: Path) -> dict[str, float]:
     preds = {cid: data.reg.y_reg(cid) for cid in data.split.test}
     rows, summ = evaluate_predictions(preds, data.ds)
     metrics = {f"test_{k}": v for k, v in summ.items() if isinstance(v, float)}
-    write_rows(run_dir / "test_per_case.csv", rows)
-    run.log_artifact(run_dir / "test_per_case.csv")
+    write_rows(run_dir / "test_per_case_best.csv", rows)
+    run.log_artifact(run_dir / "test_per_case_best.csv")
     run.log_metrics(metrics, 0)
     return metrics
 
@@ -406,17 +458,22 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
         raise CctrError(f"train.optimizer must be sgd or adamw, got '{t.optimizer}'")
     use_amp = t.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    bank = L.MemoryBank(t.memory_size, cfg.model.proj_dim).to(device) if method.reps else None
+    con = None
+    if method.con:
+        n_banks = 1 if t.contrast == "joint" else len(nets)
+        banks = [L.MemoryBank(t.memory_size, cfg.model.proj_dim).to(device) for _ in range(n_banks)] \
+            if t.memory_size else None
+        con = Contrast(banks, *(reps_caps(cfg, data) if method.reps else (math.inf, math.inf)))
     state = StepState()
     if ck is not None:
         nets[0].load_state_dict(ck["state_a"])
         nets[1].load_state_dict(ck["state_b"])
         opt.load_state_dict(ck["optimizer"])
-        if bank is not None and ck["bank"]:
-            bank.load_state_dict(ck["bank"])
+        for bank, sd in zip(con.banks if con is not None and con.banks else [], ck["banks"]):
+            bank.load_state_dict(sd)
         if scaler is not None and ck["scaler"]:
             scaler.load_state_dict(ck["scaler"])
-        state = StepState(ck["iteration"], ck["best_dice"], ck["best_iter"], list(ck["history"]))
+        state = StepState(ck["iteration"], ck["best_dice"], ck["best_iter"], list(ck["history"]), dict(ck["early"]))
     gen = torch.Generator(device=device)  # anchor sampling; reseeded per iteration so resume is exact
     loader = make_loader(data.slices, data.labeled_slices, data.unlabeled_slices if method.unlabeled else [],
                          t.batch_labeled, t.batch_unlabeled if method.unlabeled else 0, t.iters,
@@ -426,10 +483,13 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
         torch.set_rng_state(ck["rng_torch"])
         _set_np_state(ck["rng_numpy"])
     end = min(t.iters, stop_after) if stop_after else t.iters
-    weights = {"ct": t.w_ct, "rsl": t.w_rsl, "con": t.w_con}
+    early_end = t.iters // 4
+    weights = {"ct": (t.w_ct, True), "rsl": (t.w_rsl, t.ramp_rsl), "con": (t.w_con, True)}
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
     prog = TrainProgress(end, state.iteration) if progress else None
     last_val = float("nan")
+    window: dict[str, float] = {}
+    reg_dice: dict[str, float] = {}
     try:
         for batch in batches:
             if state.iteration >= end:
@@ -442,9 +502,9 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
             for n in nets:
                 n.train()
             with torch.autocast(device.type, enabled=use_amp):
-                terms = loss_terms(cfg, method, nets, batch, bank, it, gen, device)
-            total = terms["sup"] + sum(L.ramp_weight(weights[k], it, t.ramp_iters) * v
-                                       for k, v in terms.items() if k != "sup")
+                terms, stats = loss_terms(cfg, method, nets, batch, con, gen, device)
+            total = terms["sup"] + sum((L.ramp_weight(weights[k][0], it, t.ramp_iters) if weights[k][1]
+                                        else weights[k][0]) * v for k, v in terms.items() if k != "sup")
             if not torch.isfinite(total):
                 raise Diverged(f"non-finite loss at iteration {it} "
                                f"({', '.join(f'{k}={float(v):.3g}' for k, v in terms.items())})")
@@ -462,34 +522,50 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
             else:
                 opt.step()
             state.iteration = it + 1
+            for key, v in stats.items():
+                window[key] = window.get(key, 0.0) + v
+                if it < early_end:
+                    state.early[key] = state.early.get(key, 0.0) + v
             if it % 10 == 0 or state.iteration == end:
-                run.log_metrics({"loss": total.item(), "lr": lr, **{f"loss_{k}": v.item() for k, v in terms.items()}},
-                                it)
+                run.log_metrics({"loss": total.item(), "lr": lr, **{f"loss_{k}": v.item() for k, v in terms.items()},
+                                 **monitor_metrics(window, 10)}, it)
+                window = {}
             if state.iteration % t.val_every == 0 or state.iteration == t.iters:
-                last_val = _validate(cfg, nets, data, run, state, device)
+                last_val = _validate(cfg, nets, data, run, state, device, reg_dice if method.unlabeled else None)
                 if state.best_iter == state.iteration:
                     save_checkpoint(best_path, weights_payload(cfg, nets, state, run.run_id))
-                save_checkpoint(last_path, checkpoint_payload(cfg, nets, opt, bank, state, run.run_id, scaler))
                 if on_validation is not None:
                     on_validation(state.iteration, last_val)
+            if state.iteration % t.ckpt_every == 0 and state.iteration < t.iters:
+                save_checkpoint(last_path, checkpoint_payload(cfg, nets, opt, con, state, run.run_id, scaler))
             if prog:
                 prog.update(state.iteration, total.item(), last_val)
         if state.iteration < t.iters:  # stopped early on purpose: keep an exact resume point
-            save_checkpoint(last_path, checkpoint_payload(cfg, nets, opt, bank, state, run.run_id, scaler))
+            save_checkpoint(last_path, checkpoint_payload(cfg, nets, opt, con, state, run.run_id, scaler))
             return {"iteration": float(state.iteration)}
     finally:
         if prog:
             prog.close()
-    return _final_report(cfg, data, run, run_dir, device, state)
+    if t.keep_last:
+        save_checkpoint(last_path, checkpoint_payload(cfg, nets, opt, con, state, run.run_id, scaler))
+    out = _final_report(cfg, data, run, run_dir, device, state, nets)
+    if not t.keep_last:  # the run is finished and evaluated: the resumable file has no use left
+        last_path.unlink(missing_ok=True)
+    return out
 
 
-def _validate(cfg, nets, data: RunData, run, state: StepState, device) -> float:
+def _validate(cfg, nets, data: RunData, run, state: StepState, device, reg_dice: dict[str, float] | None) -> float:
+    """Dice only (model selection and curves); HD95/ASD are for the final test report.
+
+    Pseudo-label quality (`reg_dice` not None) only where there are pseudo-labels: semi-supervised runs.
+    """
     for n in nets:
         n.eval()
     preds = predict_cases(nets, data.ds, data.split.val, cfg.data.size, device)
-    _, summ = evaluate_predictions({c: p["ens"] for c, p in preds.items()}, data.ds)
-    metrics = {f"val_{k}": v for k, v in summ.items() if isinstance(v, float)}
-    metrics.update(pseudo_label_quality(nets, data, cfg.data.size, device))
+    summ = dice_summary({c: p["ens"] for c, p in preds.items()}, data.ds)
+    metrics = {f"val_{k}": v for k, v in summ.items()}
+    if reg_dice is not None:
+        metrics.update(pseudo_label_quality(nets, data, cfg.data.size, device, reg_dice))
     val = float(summ["dice"])
     if val > state.best_dice:
         state.best_dice, state.best_iter = val, state.iteration
@@ -499,13 +575,15 @@ def _validate(cfg, nets, data: RunData, run, state: StepState, device) -> float:
     return val
 
 
-def _final_report(cfg, data: RunData, run, run_dir: Path, device, state: StepState) -> dict[str, float]:
-    """Test metrics of both the best-val and the last checkpoint, per-case CSVs, figures, checkpoints."""
+def _final_report(cfg, data: RunData, run, run_dir: Path, device, state: StepState, last_nets) -> dict[str, float]:
+    """Test metrics of the best-val checkpoint and of the last weights, per-case CSVs, figures, checkpoints."""
     from cctr.report import overlay_figure, pseudo_label_figure
 
     out: dict[str, float] = {"best_iter": float(state.best_iter), "val_best_dice": state.best_dice}
-    for tag, path in (("best", run_dir / "best.pt"), ("last", run_dir / "last.pt")):
-        _, nets, _ = load_nets(path, device)
+    out.update({f"{k}_early": v for k, v in monitor_metrics(state.early, cfg.train.iters // 4).items()
+                if k.endswith("pair_precision")})
+    for tag in ("best", "last"):
+        nets = load_nets(run_dir / "best.pt", device)[1] if tag == "best" else [n.eval() for n in last_nets]
         preds = predict_cases(nets, data.ds, data.split.test, cfg.data.size, device)
         rows, summ = evaluate_predictions({c: p["ens"] for c, p in preds.items()}, data.ds)
         csv_path = run_dir / f"test_per_case_{tag}.csv"
@@ -521,17 +599,9 @@ def _final_report(cfg, data: RunData, run, run_dir: Path, device, state: StepSta
     if state.history:
         run.log_artifact(pseudo_label_figure(state.history, run_dir / "pseudo_label_quality.png"))
     run.log_artifact(run_dir / "best.pt", "checkpoints", link=True)
-    run.log_artifact(run_dir / "last.pt", "checkpoints", link=True)
+    if cfg.train.keep_last:
+        run.log_artifact(run_dir / "last.pt", "checkpoints", link=True)
     return out
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    from cctr.atomic import atomic_file
-
-    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["case"])
-        w.writeheader()
-        w.writerows(rows)
 
 
 class TrainProgress:

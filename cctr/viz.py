@@ -33,6 +33,12 @@ def class_colors(num_classes: int) -> np.ndarray:
     return np.vstack([np.zeros((1, 3)), *(np.asarray(c)[None] for c in cols)]) if n_fg else np.zeros((1, 3))
 
 
+def legend_handles(class_names: Sequence[str]) -> list[Patch]:
+    """One colour patch per foreground class, named: the key to every overlay's colours."""
+    cc = class_colors(len(class_names))
+    return [Patch(color=cc[i], label=class_names[i]) for i in range(1, len(class_names))]
+
+
 def _to_unit(image2d: np.ndarray) -> np.ndarray:
     """Display range: images already in [0,1] stay as they are, others get a robust percentile window."""
     img = np.asarray(image2d, dtype=np.float64)
@@ -125,8 +131,7 @@ def case_montage(cases: Sequence[Case], num_classes: int, path: Path, title: str
     if title:
         fig.suptitle(title, fontsize=10)
     if class_names:
-        cc = class_colors(num_classes)
-        handles = [Patch(color=cc[i], label=class_names[i]) for i in range(1, num_classes)]
+        handles = legend_handles(class_names)
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.5 / fig.get_figheight() if class_names else 0, 1, 1))
     with atomic_file(Path(path)) as tmp:

@@ -14,7 +14,7 @@ TINY = {
     "model": {"encoder_a": "tu-mobilenetv3_small_050", "proj_dim": 16},
     "registration": {"grid": [8, 32, 32], "iters": 3, "batch_size": 1, "ncc_window": 3},
     "train": {"method": "cctr", "iters": 4, "batch_labeled": 2, "batch_unlabeled": 2, "val_every": 2,
-              "memory_size": 64, "anchors_per_class": 4, "ramp_iters": 2},
+              "memory_size": 64, "anchors_per_class": 4, "ramp_iters": 2, "ckpt_every": 2},
 }
 
 TINY_SPACE = {

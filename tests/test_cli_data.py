@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -107,13 +106,57 @@ def test_prepare_then_list_json(tmp_path):
     assert rows["acdc"]["found"] and rows["acdc"]["prepared"] and not rows["synapse"]["found"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("cctr.data.phantoms") is None, reason="phantom generator not present")
 def test_stats_phantom_json(tmp_path):
     r = cctr(tmp_path, "data", "stats", "phantom-cardiac", "--json")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("\n") == 1
     s = json.loads(r.stdout)
-    assert s["classes"] == 4 and s["cases"] > 0 and len(s["spacing"]) == 3
+    assert s["classes"] == 4 and s["cases"] == int(os.environ["CCTR_PHANTOM_CASES"]) and len(s["spacing"]) == 3
+    assert s["class_names"] == ["background", "RV", "Myo", "LV"]
+
+
+def _nifti_folder(root: Path, stray: int | None) -> None:
+    """A generic nnU-Net folder without dataset.json: labels 0..2, and optionally one stray voxel."""
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        lab = rng.integers(0, 3, (12, 10, 4)).astype(np.uint8)
+        if stray is not None and i == 2:
+            lab[5, 5, 2] = stray
+        write_nifti(root / "imagesTr" / f"c{i}_0000.nii.gz", rng.normal(size=(12, 10, 4)).astype(np.float32))
+        write_nifti(root / "labelsTr" / f"c{i}.nii.gz", lab)
+
+
+def test_nifti_folder_stray_label_rejected(tmp_path):
+    """One stray voxel of 250 must not make a 251-class dataset: one line naming the file, exit 2."""
+    _nifti_folder(tmp_path / "src", stray=250)
+    r = cctr(tmp_path, "data", "prepare", "mydata", "--source", str(tmp_path / "src"))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and "c2.nii.gz" in lines[0] and "250" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not any(cache.rglob("*")), list(cache.rglob("*"))
+
+
+def test_nifti_folder_consecutive_labels_prepared(tmp_path):
+    _nifti_folder(tmp_path / "src", stray=None)
+    r = cctr(tmp_path, "data", "prepare", "mydata", "--source", str(tmp_path / "src"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["cases"] == 3
+    r = cctr(tmp_path, "data", "stats", "mydata", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["class_names"] == ["background", "class_1", "class_2"]
+
+
+def test_list_and_show_human_output(tmp_path):
+    """The README's `cctr data list` (a table) and `cctr data show ... -o` (a PNG montage)."""
+    r = cctr(tmp_path, "data", "list")
+    assert r.returncode == 0, r.stderr
+    assert "phantom-abdomen" in r.stdout and "synapse" in r.stdout
+    r = cctr(tmp_path, "data", "show", "phantom-cardiac", "--cases", "2", "-o", "ab.png")
+    assert r.returncode == 0, r.stderr
+    png = tmp_path / "ab.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "ab.png" in r.stdout
 
 
 def test_piped_output_is_not_wrapped_at_80_columns(monkeypatch):

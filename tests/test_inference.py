@@ -82,6 +82,31 @@ def test_ensemble_averages_softmax() -> None:
     assert not np.array_equal(p[0].argmax(0), p[1].argmax(0))  # the average is not trivially one net
 
 
+
+def test_case_labels_stream_and_match_full_volume_probabilities() -> None:
+    """predict_case_labels gives exactly what argmaxing whole-volume probabilities gave (net A, net B,
+    mean of both softmaxes), for any slab size, on a memory-mapped-like read-only input."""
+    from cctr.inference import predict_case_labels
+
+    torch.manual_seed(3)
+    nets = [torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Tanh(), torch.nn.Conv2d(4, 3, 1))
+            for _ in range(2)]
+    img = np.random.default_rng(4).random((9, 20, 14)).astype(np.float32)
+    img.setflags(write=False)
+    pa, pb = (predict_volume([n], img, size=16, return_probs=True) for n in nets)
+    want = {"a": pa.argmax(0), "b": pb.argmax(0), "ens": ((pa + pb) / 2).argmax(0)}
+    assert not np.array_equal(want["a"], want["b"])
+    for batch in (16, 4):
+        got = predict_case_labels(nets, img, 16, batch_size=batch)
+        assert set(got) == {"a", "b", "ens"}
+        for k in got:
+            assert got[k].dtype == np.uint8
+            np.testing.assert_array_equal(got[k], want[k])
+    np.testing.assert_array_equal(predict_volume(nets, img, size=16), want["ens"])
+    with pytest.raises(CctrError, match="expected the two nets"):
+        predict_case_labels(nets[:1], img, 16)
+
+
 def test_predict_volume_rejects_bad_input() -> None:
     with pytest.raises(CctrError, match="Z,H,W"):
         predict_volume([Threshold()], np.zeros((4, 4), np.float32), size=8)
@@ -243,3 +268,14 @@ def test_output_must_not_overwrite_input(tmp_path: Path) -> None:
     src = _save(data, aff, tmp_path / "case.nii.gz")
     with pytest.raises(CctrError, match="overwrite"):
         predict_nifti(_segment, _identity, src, src)
+
+
+def test_class_argmax_is_torch_argmax_with_first_class_on_ties() -> None:
+    from cctr.inference import class_argmax
+
+    p = torch.rand(2, 5, 6, 7)
+    p[0, 3] = p[0, 1]  # exact ties: the first class wins, as in torch.argmax
+    p[1, :, 0, 0] = 0.2
+    got = class_argmax(p)
+    assert got.dtype == torch.uint8 and torch.equal(got.long(), p.argmax(1))
+    assert int(got[1, 0, 0]) == 0

@@ -11,11 +11,13 @@ from cctr.losses import (
     DICE_EPS,
     MemoryBank,
     ce_loss,
+    contrast_masks,
     cross_teaching,
     dice_ce,
     dice_loss,
+    masked_supcon,
     ramp_weight,
-    reps_positive_mask,
+    reps_partners,
     resize_nearest,
     rsl_loss,
     sample_anchors,
@@ -147,32 +149,81 @@ def test_supcon_with_bank_and_reps_extra_positives() -> None:
     bf, bc = torch.tensor(bank), torch.tensor(bank_cls)
     plain = supcon_loss(a, c, 0.2, bank_feats=bf, bank_classes=bc)
     assert plain.item() == pytest.approx(_supcon_by_hand(anchors, classes, 0.2, bank, bank_cls), rel=1e-5)
-    reps = supcon_loss(a, c, 0.2, torch.tensor(extra), bf, bc)
+    # extra positives through the mask form: positives = same class OR flagged (empty slot never)
+    keys = torch.cat([a, bf])
+    key_cls = torch.cat([c, bc])
+    denom = (key_cls >= 0).expand(3, 7).clone()
+    denom[range(3), range(3)] = False
+    pos = (c[:, None] == key_cls[None]) & denom
+    pos[:, 3:] |= torch.tensor(extra)
+    reps = masked_supcon(a, keys, pos, denom, 0.2)
     assert reps.item() == pytest.approx(_supcon_by_hand(anchors, classes, 0.2, bank, bank_cls, extra), rel=1e-5)
-    # anchor 1's REPS entry (bank 0) is already a same-class positive: counted once, so
-    # flagging only same-class entries leaves the loss unchanged
     # `bank_valid` False drops a slot exactly like class -1 does
-    bc_valid = torch.tensor([0, 1, 1, 0])
-    masked = supcon_loss(a, c, 0.2, torch.tensor(extra), bf, bc_valid, torch.tensor([True, True, True, False]))
-    assert masked.item() == pytest.approx(reps.item(), rel=1e-6)
-    same_only = torch.tensor([[True, False, False, False], [True, False, False, False], [False, True, True, False]])
-    assert supcon_loss(a, c, 0.2, same_only, bf, bc).item() == pytest.approx(plain.item(), rel=1e-6)
+    masked = supcon_loss(a, c, 0.2, bf, torch.tensor([0, 1, 1, 0]), torch.tensor([True, True, True, False]))
+    assert masked.item() == pytest.approx(plain.item(), rel=1e-6)
+    # a key left out of the denominator is neither positive nor negative: the loss changes
+    denom2 = denom.clone()
+    denom2[0, 4] = False  # anchor 0 no longer sees bank slot 1 (another class)
+    assert masked_supcon(a, keys, pos, denom2, 0.2).item() < reps.item()
 
 
 def test_reps_positive_pulls_anchor_towards_bank_entry() -> None:
     target = torch.tensor([_unit(150.0)])
-    bank_cls = torch.tensor([1])
 
-    def cos_after_step(extra: torch.Tensor | None) -> float:
+    def cos_after_step(reps: bool) -> float:
         a = torch.tensor([_unit(0.0), _unit(-20.0)], requires_grad=True)
-        supcon_loss(a, torch.tensor([0, 0]), 0.5, extra, target, bank_cls).backward()
+        keys = torch.cat([a, target])
+        denom = torch.tensor([[False, True, True], [True, False, True]])
+        pos = torch.tensor([[False, True, reps], [True, False, False]])
+        masked_supcon(a, keys, pos, denom, 0.5).backward()
         with torch.no_grad():
             moved = torch.nn.functional.normalize(a - 0.1 * a.grad, dim=1)
         return float(moved[0] @ target[0])
 
     before = math.cos(math.radians(150.0))
-    assert cos_after_step(None) < before - 1e-3  # a different-class bank entry is a negative: pushed away
-    assert cos_after_step(torch.tensor([[True], [False]])) > before + 1e-2  # REPS positive: pulled closer
+    assert cos_after_step(False) < before - 1e-3  # a negative: pushed away
+    assert cos_after_step(True) > before + 1e-2  # REPS positive: pulled closer
+
+
+def test_reps_partners_nearest_per_other_case_within_anisotropic_caps() -> None:
+    # keys: (case, z, y, x)
+    keys = torch.tensor([[0.0, 0, 0], [4.0, 1, 0], [1.0, 3, 0], [0.0, 0, 2], [9.0, 0, 0], [0.0, 7, 0],
+                         [float("nan"), 0, 0]])
+    key_case = torch.tensor([0, 1, 1, 2, 3, 3, 4])
+    anchors = torch.tensor([[0.0, 0, 0], [float("nan"), 0, 0]])
+    got = reps_partners(anchors, torch.tensor([0, 1]), keys, key_case, cap_xy_mm=5.0, cap_z_mm=6.0)
+    # anchor 0 (case 0): own case never; case 1 -> nearest in cap units is key 2 ((1/6)^2+(3/5)^2 < (4/6)^2+(1/5)^2);
+    # case 2 -> key 3; case 3 -> key 4 is 9 mm through-plane (> 6), key 5 is 7 mm in-plane (> 5): none;
+    # case 4 has only a NaN coordinate: none
+    assert got[0].tolist() == [False, False, True, True, False, False, False]
+    assert not got[1].any()  # a NaN anchor matches nothing
+    assert reps_partners(anchors[:0], torch.tensor([], dtype=torch.long), keys, key_case, 5.0, 6.0).shape == (0, 7)
+
+
+def test_contrast_masks_reps_replaces_pseudo_label_positives_only() -> None:
+    # anchors (= first keys): 0 labeled case 0 class 1 (GT); 1 unlabeled case 1 class 1; 2 unlabeled case 1 class 2
+    a_cls, a_gt, a_case = torch.tensor([1, 1, 2]), torch.tensor([True, False, False]), torch.tensor([0, 1, 1])
+    # bank: 3 GT case 5 class 1; 4 pseudo case 2 class 1; 5 pseudo case 2 class 2; 6 pseudo case 1 class 1; 7 empty
+    k_cls = torch.cat([a_cls, torch.tensor([1, 1, 2, 1, -1])])
+    k_gt = torch.cat([a_gt, torch.tensor([True, False, False, False, False])])
+    k_case = torch.cat([a_case, torch.tensor([5, 2, 2, 1, 7])])
+    partners = torch.zeros(3, 8, dtype=torch.bool)
+    partners[1, 5] = True  # registration pairs anchor 1 with a key of another pseudo-class
+    partners[0, 4] = True
+    plain = contrast_masks(a_cls, a_gt, a_case, k_cls, k_gt, k_case)
+    m = contrast_masks(a_cls, a_gt, a_case, k_cls, k_gt, k_case, partners)
+    T, F_ = True, False
+    assert plain["pos"].tolist() == [[F_, T, F_, T, T, F_, T, F_], [T, F_, F_, T, T, F_, T, F_],
+                                     [F_, F_, F_, F_, F_, T, F_, F_]]
+    # anchor 0 (GT): GT key 3 keeps its class relation; pseudo keys of other volumes (1, 4, 6) are left out,
+    # except its partner 4. Anchor 1: same-volume key 6 stays a positive, partner 5 is a REPS positive,
+    # other-volume same-class keys 0, 3, 4 are left out; other-class key 2 (same volume) stays a negative.
+    assert m["pos"].tolist() == [[F_, F_, F_, T, F_, F_, F_, F_], [F_, F_, F_, F_, F_, F_, T, F_],
+                                 [F_, F_, F_, F_, F_, F_, F_, F_]]
+    assert m["reps"].nonzero().tolist() == [[0, 4], [1, 5]]
+    assert m["denom"].tolist() == [[F_, F_, T, T, T, T, F_, F_], [F_, F_, T, F_, F_, T, T, F_],
+                                   [T, T, F_, T, T, F_, T, F_]]
+    assert m["pseudo_pairs"].tolist() == plain["pseudo_pairs"].tolist()
 
 
 def test_supcon_empty_and_no_positive() -> None:
@@ -220,36 +271,6 @@ def test_resize_nearest_samples_centres() -> None:
     assert resize_nearest(x, (4, 4)).equal(x)
 
 
-def _bank() -> MemoryBank:
-    bank = MemoryBank(5, 2)
-    coords = torch.tensor([[0.0, 0, 0], [3.0, 0, 0], [0.0, 4, 0], [10.0, 0, 0]])
-    bank.push(torch.zeros(4, 2), torch.tensor([0, 1, 2, 1]), torch.tensor([1, 1, 2, 0]), coords)
-    return bank  # slot 4 still empty
-
-
-def test_reps_radius_excludes_same_case_and_empty_slots() -> None:
-    bank = _bank()
-    anchor_xyz = torch.tensor([[0.0, 0, 0], [0.0, 0, 0], [9.0, 0, 0]])
-    anchor_case = torch.tensor([0, 2, 0])
-    m = reps_positive_mask(anchor_xyz, anchor_case, bank, radius_mm=5.0)
-    assert m.tolist() == [
-        [False, True, True, False, False],  # slot 0 is its own case; slot 3 too far
-        [True, True, False, False, False],  # slot 2 is its own case
-        [False, False, False, True, False],
-    ]
-    assert not reps_positive_mask(anchor_xyz, anchor_case, bank, radius_mm=0.5)[0].any()
-    nan = reps_positive_mask(torch.full((1, 3), float("nan")), torch.tensor([5]), bank, 5.0)
-    assert not nan.any()
-
-
-def test_reps_k_nearest() -> None:
-    bank = _bank()
-    m = reps_positive_mask(torch.tensor([[0.0, 0, 0]]), torch.tensor([0]), bank, radius_mm=0.0, k=2)
-    assert m.tolist() == [[False, True, True, False, False]]  # nearest other-case: 3 mm, 4 mm
-    m = reps_positive_mask(torch.tensor([[0.0, 0, 0]]), torch.tensor([0]), bank, radius_mm=0.0, k=10)
-    assert m.tolist() == [[False, True, True, True, False]]  # all other-case valid entries, no more
-
-
 def test_memory_bank_fifo_and_bounded() -> None:
     bank = MemoryBank(4, 3)
     size = bank.nbytes
@@ -283,7 +304,7 @@ def test_memory_bank_checkpoint_round_trip(tmp_path) -> None:
     restored = MemoryBank(4, 2)
     restored.load_state_dict(torch.load(tmp_path / "bank.pt", weights_only=True))
     assert restored.ptr == bank.ptr == 2
-    for name in ("feats", "case_id", "cls", "coord", "valid"):
+    for name in ("feats", "case_id", "cls", "coord", "gt", "mon", "valid"):
         assert torch.equal(getattr(restored, name), getattr(bank, name))
     assert restored.to("cpu") is restored and list(restored.parameters()) == []
 

@@ -1,4 +1,4 @@
-"""Registration stage: spatial transformer, integration, losses, label transfer, cache, CLI errors."""
+"""Registration stage: spatial transformer, integration, losses, label transfer and coordinates."""
 
 from __future__ import annotations
 
@@ -8,9 +8,15 @@ import torch
 from scipy.ndimage import map_coordinates
 
 from cctr.errors import CctrError
-from cctr.registration.grid import grid_map, identity, moments_affine, on_grid, onehot, sample
+from cctr.registration.grid import grid_map, identity, moments_affine, on_grid, sample, warped_onehot
 from cctr.registration.losses import dice_loss, grad_loss, ncc_loss
 from cctr.registration.net import RegNet, integrate, jacobian_det, warp
+
+
+def onehot(label, num_classes: int) -> torch.Tensor:
+    """[C,Z,H,W] float one-hot: the reference `warped_onehot` must match."""
+    lab = torch.as_tensor(np.asarray(label), dtype=torch.long)
+    return torch.nn.functional.one_hot(lab, num_classes).permute(3, 0, 1, 2).float()
 
 
 def _smooth_image(shape, seed=0):
@@ -167,3 +173,83 @@ def test_on_grid_matches_map_coordinates():
     pos = m.to_native(identity((5, 12, 12))).numpy()
     ref = map_coordinates(vol, pos, order=1, mode="nearest")
     assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_separable_ncc_window_equals_full_box():
+    """The box filter is applied axis by axis: the same loss as one k^3 average."""
+    rng = np.random.default_rng(4)
+    a, b = (torch.from_numpy(rng.random((1, 1, 7, 12, 13), dtype=np.float32)) for _ in range(2))
+
+    def box(x):
+        return torch.nn.functional.avg_pool3d(x, 5, stride=1, padding=2, count_include_pad=True)
+
+    mu_a, mu_b = box(a), box(b)
+    va, vb = (box(a * a) - mu_a**2).clamp(min=0), (box(b * b) - mu_b**2).clamp(min=0)
+    cross = box(a * b) - mu_a * mu_b
+    assert abs(float(ncc_loss(a, b, 5)) + float((cross**2 / (va * vb + 1e-5)).mean())) < 1e-5
+
+
+def test_warped_onehot_equals_sampled_onehot():
+    rng = np.random.default_rng(5)
+    lab = rng.integers(0, 4, (5, 9, 11))
+    pos = identity((6, 8, 7)) * torch.tensor([0.9, 1.2, 1.7]).view(3, 1, 1, 1) - 0.6  # some outside: clamped
+    ref = sample(onehot(lab, 4)[None], pos[None])[0].reshape(4, -1)
+    assert torch.allclose(warped_onehot(lab, pos, 4), ref, atol=1e-5)
+
+
+def _analytic_label(zmm, ymm, xmm):
+    """Two nested boxes in mm: class 2 inside class 1 inside background."""
+    in1 = (np.abs(zmm - 15) < 12) & (np.abs(ymm - 18) < 14) & (np.abs(xmm - 17) < 14)
+    in2 = (np.abs(zmm - 15) < 4) & (np.abs(ymm - 18) < 4) & (np.abs(xmm - 17) < 5)
+    return np.where(in2, 2, np.where(in1, 1, 0)).astype(np.uint8)
+
+
+def _away_from_boundaries(zmm, ymm, xmm, r):
+    """True where the analytic label is the same at every corner of a cube of half-side `r` mm."""
+    lab = _analytic_label(zmm, ymm, xmm)
+    same = np.ones(lab.shape, bool)
+    for dz in (-r, r):
+        for dy in (-r, r):
+            for dx in (-r, r):
+                same &= _analytic_label(zmm + dz, ymm + dy, xmm + dx) == lab
+    return same
+
+
+def test_label_transfer_known_translation_other_shapes_and_spacings():
+    """Atlas and target of different sizes and spacings, phi a known translation t (mm): the transferred
+    label equals the analytically shifted label away from boundaries, and the coordinates equal the
+    target's mm position + t everywhere (trilinear interpolation of an affine map is exact)."""
+    from cctr.data.case import Case
+    from cctr.data.slices import GridField
+    from cctr.registration.apply import Atlas, reference_coords, transfer_labels
+    from cctr.registration.grid import grid_map
+
+    t = np.array([1.7, -2.3, 2.9])  # target mm -> atlas mm
+    a_shape, a_sp = (12, 36, 40), (3.0, 1.2, 1.0)
+    v_shape, v_sp = (11, 27, 31), (2.5, 1.5, 1.25)
+    grid = (6, 10, 12)
+    a_mm = np.meshgrid(*[np.arange(n) * s for n, s in zip(a_shape, a_sp)], indexing="ij")
+    atlas_lab = _analytic_label(*a_mm)
+    fov = (0.0, 0.0, 0.0)
+    amap, vmap = grid_map(a_shape, a_sp, grid, fov), grid_map(v_shape, v_sp, grid, fov)
+    # phi: target grid voxel -> its native index -> mm -> + t -> atlas native index -> atlas grid index
+    v_native = vmap.to_native(identity(grid))
+    a_native = (v_native * torch.tensor(v_sp).view(3, 1, 1, 1) + torch.tensor(t, dtype=torch.float32).view(3, 1, 1, 1)
+                ) / torch.tensor(a_sp).view(3, 1, 1, 1)
+    phi = amap.to_grid(a_native)
+    atlas = Atlas("a", atlas_lab, a_sp, amap, torch.zeros(1, *grid), torch.zeros(3, *grid), torch.zeros(3), torch.ones(3))
+    target = Case("v", np.zeros(v_shape, np.float32), None, v_sp)
+    y = transfer_labels({"a": phi}, target, {"a": atlas}, 3, fov)
+    v_mm = np.meshgrid(*[np.arange(n) * s for n, s in zip(v_shape, v_sp)], indexing="ij")
+    shifted = [m + d for m, d in zip(v_mm, t)]
+    expect = _analytic_label(*shifted)
+    inside_atlas = np.all([(s >= 0) & (s <= (n - 1) * sp) for s, n, sp in zip(shifted, a_shape, a_sp)], axis=0)
+    away = _away_from_boundaries(*shifted, max(a_sp)) & inside_atlas
+    assert away.mean() > 0.3 and {0, 1, 2} <= set(np.unique(expect[away]))
+    assert np.array_equal(y[away], expect[away])
+    # coordinates: stored on the grid, read at native voxels, equal the shifted mm positions
+    co = GridField(reference_coords(phi, atlas).numpy(), vmap.scale, vmap.offset, v_shape)
+    for z in (0, 5, v_shape[0] - 1):
+        got = co.slice(z)
+        want = np.stack([s[z] for s in shifted])
+        assert np.abs(got - want).max() < 1e-3

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from cctr.config import RegistrationConfig
@@ -99,19 +100,29 @@ def test_maps_shapes_range_and_cache_reuse(toy, monkeypatch):
     maps = registration_maps(TOY, TINY, split)
     assert not maps.reused and set(maps) == set(split.train + split.val + split.test)
     ref = ds.case(split.labeled[0])
+    grid = np.array(TINY.grid)
     for cid in maps:
         m, case = maps[cid], ds.case(cid)
-        assert m.y_reg.shape == case.shape and m.y_reg.dtype == np.uint8 and m.y_reg.max() < 3
-        assert m.c_reg.dtype == np.float32 and 1 / 3 - 1e-6 <= m.c_reg.min() and m.c_reg.max() <= 1 + 1e-6
-        assert m.coords.shape == (*case.shape, 3) and m.coords.dtype == np.float32
+        y = maps.y_reg(cid)
+        assert y.shape == case.shape and y.dtype == np.uint8 and y.max() < 3
+        assert np.array_equal(np.stack([m.y_reg[z] for z in range(case.shape[0])]), y)
+        # confidence and coordinates stay on the registration grid (they are smooth there)
+        assert m.c_reg.values.shape == (1, *grid) and m.coords.values.shape == (3, *grid)
+        assert m.c_reg.shape == m.coords.shape == case.shape
+        c = maps.c_reg(cid)
+        assert c.shape == case.shape and c.dtype == np.float32 and 0 <= c.min() and c.max() <= 1
         # mm in the reference; points may map a little outside its field of view, not far
         extent = (np.array(ref.shape) - 1) * np.array(ref.spacing)
-        flat = m.coords.reshape(-1, 3)
+        flat = m.coords.values.reshape(3, -1).T
         assert np.isfinite(flat).all()
         assert (flat.min(0) >= -0.5 * extent).all() and (flat.max(0) <= 1.5 * extent).all()
     # the reference case mapped onto itself: coordinates close to its own voxel positions in mm
-    own = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(ref.shape, ref.spacing)], indexing="ij"), -1)
-    assert np.abs(maps.coords(ref.case_id) - own).mean() < 1.0
+    own = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(ref.shape, ref.spacing)], indexing="ij"))
+    co = maps[ref.case_id].coords
+    native = np.stack([co.slice(z) for z in range(ref.shape[0])], axis=1)
+    assert np.abs(native - own).mean() < 1.0
+    # a map of a few MB at most, whatever the volume: y_reg compressed, the rest grid-sized
+    assert (maps.root / f"{ref.case_id}.npz").stat().st_size < 4 * 4 * int(np.prod(grid)) + 4096
 
     def boom(*a, **k):
         raise AssertionError("cache not reused")
@@ -207,3 +218,57 @@ def test_optional_dice_term_and_mse(toy):
     assert len(hist) == 1 and 0 <= hist[0].value <= 1
     with pytest.raises(CctrError, match="registration.similarity must be"):
         train_registration(TOY, dataclasses.replace(TINY, similarity="l1"), split2, progress=False)
+
+
+def test_confidence_tracks_image_agreement_and_atlas_disagreement():
+    """c_reg is high where the target's intensity fits the class the atlas puts there, low where it
+    does not (the right half shows fat where the atlas says organ), and at most 1/2 where two atlases
+    disagree on the label."""
+    from cctr.registration.apply import Atlas, class_intensities, confidence
+    from cctr.registration.grid import identity
+
+    grid = (6, 12, 16)
+    rng = np.random.default_rng(0)
+    organ = torch.zeros(2, *grid)
+    organ[1, :, 3:9, 2:14] = 1
+    organ[0] = 1 - organ[1]
+    atlas_img = (0.2 + 0.6 * organ[1] + 0.01 * torch.from_numpy(rng.standard_normal(grid)).float())[None]
+    target = atlas_img.clone()
+    target[..., 8:] = 0.2  # no organ here in the target: registration would be wrong
+    phi = identity(grid)
+    atlas = Atlas("a", np.zeros(grid, np.uint8), (1.0, 1.0, 1.0), None, atlas_img, organ,  # type: ignore[arg-type]
+                  *class_intensities(atlas_img, organ))
+    c = confidence({"a": phi}, target, {"a": atlas})
+    assert c.shape == grid and float(c.min()) >= 0 and float(c.max()) <= 1
+    inside = organ[1].bool()
+    assert float(c[..., :7][inside[..., :7]].mean()) > 0.8  # agreeing organ
+    assert float(c[..., 9:][inside[..., 9:]].max()) < 0.1  # "organ" over fat
+    flipped = Atlas("b", np.zeros(grid, np.uint8), (1.0, 1.0, 1.0), None, atlas_img, organ.flip(0),  # type: ignore[arg-type]
+                    *class_intensities(atlas_img, organ.flip(0)))
+    both = confidence({"a": phi, "b": phi}, target, {"a": atlas, "b": flipped})
+    assert float(both.max()) <= 0.5 + 1e-6
+
+
+def test_confidence_calibration_counts_dice_above_and_below(tmp_path):
+    """Hand-made maps: y_reg right where c_reg is high, wrong where it is low -> Dice 1 vs 0."""
+    from types import SimpleNamespace
+
+    from cctr.registration.apply import CONF_LEVELS, RegMaps, SliceStack, confidence_calibration
+
+    shape = (3, 8, 10)
+    gt = np.zeros(shape, np.uint8)
+    gt[:, 2:6, 2:8] = 1
+    gt[:, 3:5, 4:6] = 2
+    y = gt.copy()
+    y[:, :, 5:] = np.where(gt[:, :, 5:] == 1, 2, gt[:, :, 5:])  # wrong on the right half
+    c = np.ones((3, 8, 10), np.float32)
+    c[:, :, 5:] = 0.2
+    data, offsets = SliceStack.pack(y)
+    np.savez_compressed(tmp_path / "v.npz", y_reg_data=data, y_reg_offsets=offsets, shape=np.array(shape),
+                        scale=np.ones(3, np.float32), offset=np.zeros(3, np.float32),
+                        c_reg=np.round(c * CONF_LEVELS).astype(np.uint8), coords=np.zeros((3, *shape), np.float32))
+    maps = RegMaps(tmp_path, ["v"], "v", reused=True)
+    ds = SimpleNamespace(spec=SimpleNamespace(num_classes=3), case=lambda cid: SimpleNamespace(label=gt))
+    out = confidence_calibration(maps, ds, ["v"], 0.6)  # type: ignore[arg-type]
+    assert out["reg_dice_conf_high"] == 1.0 and out["reg_conf_frac_high"] == 0.5
+    assert out["reg_dice_conf_low"] < 0.5

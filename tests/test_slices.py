@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from cctr.data.slices import (
     AugmentConfig,
+    GridField,
     SliceDataset,
     TwoStreamBatchSampler,
     _bilinear,
@@ -269,3 +270,43 @@ def test_bad_input_raises_one_line_errors() -> None:
 def test_bench_loader_reports_throughput() -> None:
     out = bench_loader(num_workers=0, seconds=0.3, warmup_batches=1)
     assert set(out) == {"loader_slices_per_s"} and out["loader_slices_per_s"] > 0
+
+
+def test_field_read_at_the_image_pixel_source_position() -> None:
+    """A field holding each voxel's own native (z, y, x) index, on a lattice 4x coarser in-plane, reads
+    back at every output pixel the source position its image value came from (image = row + col/100)."""
+    z, h, w = 3, 41, 33
+    yy, xx = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
+    img = np.broadcast_to(yy + xx / 100, (z, h, w))
+    gz, gy, gx = np.meshgrid(np.arange(z), np.arange(0, h, 4), np.arange(0, w, 4), indexing="ij")
+    field = GridField(np.stack([gz, gy, gx]).astype(np.float32), (1, 4, 4), (0, 0, 0), (z, h, w))
+    ds = SliceDataset([img], {"pos": [field]}, {"pos": "field"}, size=32, augment=True, aug=NO_JITTER)
+    for d in range(6):
+        s = ds[(1, d)]
+        pz, py, px = s["pos"].numpy()
+        inner = s["valid"].numpy() & (py > 0) & (py < h - 1) & (px > 0) & (px < w - 1)
+        assert inner.mean() > 0.3 and np.allclose(pz, 1.0)
+        np.testing.assert_allclose((py + px / 100)[inner], s["image"][0].numpy()[inner], atol=1e-3)
+
+
+def test_lazy_sources_equal_in_memory_arrays(tmp_path) -> None:
+    """Memory-mapped volumes and per-slice label stacks (anything with shape, dtype and [z]) render the
+    same batches as in-memory arrays: nothing is copied up front."""
+    from cctr.data.case import load_npz
+    from cctr.registration.apply import SliceStack
+
+    rng = np.random.default_rng(9)
+    vol = rng.random((4, 24, 20), dtype=np.float32)
+    lab = _blocks(rng, (4, 24, 20), [0, 1, 2])
+    np.savez(tmp_path / "c.npz", image=vol, label=lab)
+    z = load_npz(tmp_path / "c.npz", mmap_bytes=0)
+    assert isinstance(z["image"], np.memmap) and isinstance(z["label"], np.memmap)
+    stack = SliceStack(*SliceStack.pack(lab), lab.shape)
+    assert np.array_equal(stack.read(), lab)
+    eager = SliceDataset([vol], {"label": [lab]}, {"label": "label"}, size=16, augment=True)
+    lazy = SliceDataset([z["image"]], {"label": [stack]}, {"label": "label"}, size=16, augment=True)
+    keys = [(i, d) for i in range(4) for d in range(2)]
+    a, b = eager.batch(keys), lazy.batch(keys)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CctrError, match="field 'c' of volume 0 must be a GridField"):
+        SliceDataset([vol], {"c": [vol]}, {"c": "field"})

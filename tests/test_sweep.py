@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from cctr import tracking
-from cctr.config import RunConfig, from_dict
+from cctr.config import RunConfig, apply_overrides, from_dict
 from cctr.errors import CctrError
 from cctr.sweep import load_space, parse_labeled, run_sweep
 from tests.helpers import TINY, TINY_SPACE, cli, popen_cli, write_yaml
@@ -36,15 +36,15 @@ def test_one_parent_run_per_study_whoever_starts_first(fresh_store):
     study_b, owner_b = _open_study("s", storage, space)
     assert (owner_a, owner_b) == (True, False)
     got = {}
-    waiter = threading.Thread(target=lambda: got.update(b=_parent_run(study_b, cfg, "s", owner_b, wait_s=30)))
+    waiter = threading.Thread(target=lambda: got.update(b=_parent_run(study_b, cfg, "s", owner_b, space, wait_s=30)))
     waiter.start()
     time.sleep(1.0)
     assert waiter.is_alive()  # the non-owner does not create a parent of its own
-    a = _parent_run(study_a, cfg, "s", owner_a)
+    a = _parent_run(study_a, cfg, "s", owner_a, space)
     waiter.join(timeout=30)
     assert got["b"] == a
     assert len(tracking.find_runs("phantom-cardiac", "tags.role = 'study'")) == 1
-    assert _parent_run(study_b, cfg, "s", False, wait_s=0) == a  # a re-run finds it at once
+    assert _parent_run(study_b, cfg, "s", False, space, wait_s=0) == a  # a re-run finds it at once
 
 
 def test_two_trial_sweep_end_to_end(fresh_store):
@@ -63,11 +63,31 @@ def test_two_trial_sweep_end_to_end(fresh_store):
     c = tracking.client()
     parent = c.get_run(res[0].parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["optuna_study"] == res[0].study_name
+    # the parent holds what trials share and the searched ranges, not base values no trial used
+    pp = parent.data.params
+    assert "base.train.w_ct" not in pp and "base.train.w_con" not in pp
+    assert pp["search.train.w_ct"] == "float 0.1..1" and pp["search.train.w_con"] == "float 0.01..0.2 log"
+    assert pp["base.train.iters"] == "4"
+    # ... and, at the end of the study, the winner
+    bt = study.best_trial
+    pt = parent.data.tags
+    assert pt["best.trial"] == str(bt.number) and pt["best.run_id"] == bt.user_attrs["mlflow_run_id"]
+    assert float(pt["best.val_dice"]) == pytest.approx(bt.value, abs=1e-4)
+    assert {k: float(pt[f"best.{k}"]) for k in bt.params} == pytest.approx(bt.params)
+    assert f"best trial #{bt.number}" in pt["mlflow.note.content"]
+    assert parent.data.metrics["best_val_dice"] == pytest.approx(bt.value)
     nested = tracking.find_runs("phantom-cardiac", f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert {r.info.run_id for r in nested} == {t.user_attrs["mlflow_run_id"] for t in trials}
+    by_run = {t.user_attrs["mlflow_run_id"]: t for t in trials}
+    for r in [parent, *nested]:  # provenance on every run
+        assert len(r.data.tags["mlflow.source.git.commit"]) == 40
+        assert r.data.tags["git_dirty"] in ("true", "false") and r.data.tags["metric_convention"] == "strict"
     for r in nested:
         assert r.info.status == "FINISHED"
-        assert r.data.tags["optuna_trial"] in {str(t.number) for t in trials}
+        t = by_run[r.info.run_id]
+        assert r.data.tags["optuna_trial"] == str(t.number)
+        sampled = " ".join(f"{p.name.split('.')[-1]}={t.params[p.name]:.3g}" for p in space.params)
+        assert r.info.run_name == f"cctr-l1-t{t.number} {sampled}"  # e.g. cctr-l1-t1 w_con=0.0608 w_ct=0.59
         assert r.data.params["train.method"] == "cctr"
         hist = c.get_metric_history(r.info.run_id, "val_dice")
         assert [m.step for m in hist] == [2, 4][: len(hist)] and hist
@@ -81,6 +101,22 @@ def test_two_trial_sweep_end_to_end(fresh_store):
     again = run_sweep(from_dict(RunConfig, TINY), [1], space, 2, storage, progress=False, log=lambda m: None)
     assert len(optuna.load_study(study_name=res[0].study_name, storage=storage).get_trials()) == 2  # resumed
     assert again[0].parent_run_id == res[0].parent_run_id
+
+
+def test_sweep_jobs_runs_trials_in_parallel_workers(fresh_store):
+    """`--jobs 2`: two spawned workers share the study; their trials overlap in time, one parent run."""
+    space = load_space(write_yaml(fresh_store / "space.yaml", TINY_SPACE))
+    storage = f"sqlite:///{fresh_store / 'optuna.db'}"
+    cfg = apply_overrides(from_dict(RunConfig, TINY), ["train.method=ct", "train.iters=12", "train.val_every=4"])
+    res = run_sweep(cfg, [1], space, 2, storage, progress=False, log=lambda m: None, jobs=2, threads=1)
+    trials = optuna.load_study(study_name=res[0].study_name, storage=storage).get_trials()
+    done = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert len(done) >= 2 and not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    a, b = sorted(done, key=lambda t: t.datetime_start)[:2]
+    assert b.datetime_start < a.datetime_complete  # the second started before the first finished
+    runs = [tracking.client().get_run(t.user_attrs["mlflow_run_id"]) for t in done]
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {res[0].parent_run_id}
+    assert all(r.info.status == "FINISHED" for r in runs)
 
 
 @pytest.mark.parametrize("text", ["1,,x", "0", "", "a", "-1"])
@@ -117,6 +153,36 @@ def test_cli_bad_input(tmp_path):
         assert len(lines) == 1 and "Traceback" not in p.stderr, (args, p.stderr)
 
 
+def _tiny_ct(path):
+    tiny = json.loads(json.dumps(TINY))
+    tiny["train"]["method"] = "ct"  # no registration: the quickest real training
+    return write_yaml(path, tiny)
+
+
+def test_cli_sweep_outside_repo_finds_default_space(fresh_store):
+    """`--space` defaults to the repo's sweeps/default.yaml wherever the command is started."""
+    cfg = _tiny_ct(fresh_store / "cfg.yaml")
+    p = cli("sweep", "--config", str(cfg), "--labeled", "1", "--trials", "1", "--json", cwd=fresh_store,
+            timeout=300)
+    assert p.returncode == 0, p.stderr
+    (study,) = json.loads(p.stdout)["studies"]
+    assert study["study_name"] == "phantom-cardiac-l1-default" and study["n_complete"] + study["n_pruned"] == 1
+
+
+@pytest.mark.parametrize("args,message", [(["--labeled", "1,50"], "50 labeled"),
+                                          (["--set", "data.size=48"], "multiple of 32")])
+def test_cli_failed_sweep_leaves_nothing(fresh_store, args, message):
+    """Bad input found at the start: one line, exit 2, and no optuna.db, study or MLflow run."""
+    cfg = _tiny_ct(fresh_store / "cfg.yaml")
+    p = cli("sweep", "--config", str(cfg), "--labeled", "1", "--trials", "1", *args, cwd=fresh_store,
+            timeout=300)
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in p.stderr, p.stderr
+    assert not (fresh_store / "mlruns" / "optuna.db").exists()
+    assert tracking.find_runs("phantom-cardiac") == []
+
+
 def _sweep_args(cfg, space, storage, trials, *extra):
     return ["sweep", "--config", str(cfg), "--dataset", "phantom-cardiac", "--labeled", "1", "--trials",
             str(trials), "--space", str(space), "--storage", storage, "--json", *extra]
@@ -129,7 +195,7 @@ def test_killed_worker_trial_fails_and_is_retried(fresh_store):
     cfg = write_yaml(fresh_store / "cfg.yaml", tiny)
     space = write_yaml(fresh_store / "space.yaml", TINY_SPACE)
     storage = f"sqlite:///{fresh_store / 'optuna.db'}"
-    worker = popen_cli(*_sweep_args(cfg, space, storage, 2, "--heartbeat", "1"))
+    worker = popen_cli(*_sweep_args(cfg, space, storage, 2, "--heartbeat", "1", "--jobs", "1"))
     try:
         victim = None
         deadline = time.time() + 240

@@ -11,7 +11,7 @@ import torch
 from cctr import tracking
 from cctr.config import RunConfig, apply_overrides, from_dict
 from cctr.errors import CctrError
-from cctr.train import METHODS, train
+from cctr.train import METHODS, Contrast, contrastive_term, train
 from tests.helpers import TINY, cli, write_yaml
 
 
@@ -45,26 +45,120 @@ def test_every_variant_smoke(method, registration_ready, tmp_path):
     cfg = tiny_cfg(method=method, iters=20, val_every=10)
     res = train(cfg, tmp_path / method, progress=False)
     run = tracking.client().get_run(res.run_id)
+    m = METHODS[method]
     assert run.info.status == "FINISHED"
     assert run.data.tags["method"] == method and run.data.params["train.method"] == method
-    assert 0.0 <= res.metrics["test_dice"] <= 1.0
-    if method != "reg-only":
-        assert (tmp_path / method / "best.pt").exists() and (tmp_path / method / "last.pt").exists()
-        hist = tracking.client().get_metric_history(res.run_id, "val_dice")
-        assert [m.step for m in hist] == [10, 20]
-        assert np.isfinite(res.metrics["test_last_dice"])
-        losses = {k for k in run.data.metrics if k.startswith("loss_")}
-        expect = {"loss_sup"} | ({"loss_ct"} if METHODS[method].ct else set()) \
-            | ({"loss_rsl"} if METHODS[method].rsl else set()) | ({"loss_con"} if METHODS[method].con else set())
-        assert losses == expect
-        if METHODS[method].unlabeled:
-            assert "pl_dice_a" in run.data.metrics and "pl_dice_b" in run.data.metrics
-        if METHODS[method].rsl:
-            assert "pl_dice_reg" in run.data.metrics
+    assert 0.0 <= res.metrics["test_dice"] <= 1.0 and res.metrics["test_hd95_mm"] > 0
+    if method == "reg-only":
+        return
+    # a finished run keeps the best-val weights only (train.keep_last keeps the resumable file)
+    assert (tmp_path / method / "best.pt").exists() and not (tmp_path / method / "last.pt").exists()
+    hist = tracking.client().get_metric_history(res.run_id, "val_dice")
+    assert [h.step for h in hist] == [10, 20]
+    assert np.isfinite(res.metrics["test_last_dice"])
+    losses = {k for k in run.data.metrics if k.startswith("loss_")}
+    expect = {"loss_sup"} | ({"loss_ct"} if m.ct else set()) | ({"loss_rsl"} if m.rsl else set()) \
+        | ({"loss_con"} if m.con else set())
+    assert losses == expect
+    assert ("pl_dice_a" in run.data.metrics) == m.unlabeled
+    assert ("pl_dice_reg" in run.data.metrics) == (m.unlabeled and m.needs_registration)
+    # REPS really pairs anchors (and only in the REPS variants); pair precision is monitored in every
+    # contrastive variant, so `cct+reps` silently equal to `cct` cannot pass
+    assert ("reps_pos_per_anchor" in run.data.metrics) == m.reps
+    if m.reps:
+        assert run.data.metrics["reps_anchor_frac"] > 0 and 0 <= res.metrics["reps_pair_precision_early"] <= 1
+    assert ("pl_pair_precision_early" in res.metrics) == m.con
+    assert ("rsl_yield_frac" in run.data.metrics) == m.rsl
+
+
+def test_reps_changes_the_weights(registration_ready, tmp_path):
+    """Same seed, same batches: `cct+reps` trains other weights than `cct` (REPS is not a no-op)."""
+    a = train(tiny_cfg(method="cct", iters=6, val_every=6, keep_last=True), tmp_path / "cct", progress=False)
+    b = train(tiny_cfg(method="cct+reps", iters=6, val_every=6, keep_last=True), tmp_path / "reps", progress=False)
+    wa = torch.load(a.run_dir / "last.pt", weights_only=True)["state_a"]
+    wb = torch.load(b.run_dir / "last.pt", weights_only=True)["state_a"]
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_scrambled_unlabeled_labels_give_bit_identical_weights(registration_ready, session_dirs, tmp_path,
+                                                               monkeypatch):
+    """Held-back labels of unlabeled cases are read for monitoring only: scrambling them changes no weight."""
+    import shutil
+
+    from cctr.data.datasets import load_dataset, make_split
+
+    cfg = tiny_cfg(method="cctr", iters=6, val_every=3, keep_last=True)
+    ref = train(cfg, tmp_path / "ref", progress=False)
+    cache = tmp_path / "cache"
+    shutil.copytree(session_dirs["cache"], cache)
+    monkeypatch.setenv("CCTR_CACHE", str(cache))
+    ds = load_dataset("phantom-cardiac")
+    split = make_split(ds, cfg.data.labeled, cfg.data.seed)
+    before = ds.case(split.unlabeled[0]).label.copy()
+    rng = np.random.default_rng(0)
+    for cid in split.unlabeled:
+        path = ds.root / "cases" / f"{cid}.npz"
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+        arrays["label"] = rng.permutation(arrays["label"].ravel()).reshape(arrays["label"].shape)
+        np.savez(path, **arrays)
+    assert not np.array_equal(ds.case(split.unlabeled[0]).label, before)
+    scr = train(cfg, tmp_path / "scrambled", progress=False)
+    wa = torch.load(ref.run_dir / "last.pt", weights_only=True)
+    wb = torch.load(scr.run_dir / "last.pt", weights_only=True)
+    for net in ("state_a", "state_b"):
+        assert all(torch.equal(wa[net][k], wb[net][k]) for k in wa[net])
+    # ... while the monitor that reads them did change
+    assert scr.metrics["pl_pair_precision_early"] != ref.metrics["pl_pair_precision_early"]
+
+
+def test_contrastive_term_reps_slots_on_a_hand_built_batch(monkeypatch):
+    """Which keys become REPS positives: the nearest per other case, gated by `valid` and `c_reg`."""
+    import cctr.losses as L
+
+    cfg = tiny_cfg(method="cctr", batch_labeled=1, anchors_per_class=100, conf_threshold=0.5, memory_size=5)
+    g = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(2, 4, 2, 2, generator=g), dim=1)
+    outs = [{"embed": emb}, {"embed": emb.clone()}]
+    logits = [torch.randn(2, 2, 2, 2, generator=g) for _ in range(2)]
+    y = torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 0]]])
+    # pixel (i, j) of slice b sits at (z, y, x) = (b, 10 i, 10 j) mm; slice 0 is case 0 (labeled), slice 1 case 1
+    grid = torch.stack(torch.meshgrid(torch.arange(2.0) * 10, torch.arange(2.0) * 10, indexing="ij"))
+    coords = torch.stack([torch.cat([torch.full((1, 2, 2), float(b)), grid]) for b in range(2)])
+    valid = torch.ones(2, 2, 2, dtype=torch.bool)
+    valid[1, 1, 1] = False  # rotated in from outside the slice
+    c_reg = torch.ones(2, 1, 2, 2)
+    c_reg[1, 0, 0, 1] = 0.2  # registration not trusted here
+    batch = {"case_index": torch.tensor([0, 1]), "valid": valid, "c_reg": c_reg, "coords": coords,
+             "label_mon": torch.zeros(2, 2, 2, dtype=torch.long)}
+    bank = L.MemoryBank(5, 4)
+    bank.push(torch.nn.functional.normalize(torch.randn(4, 4, generator=g), dim=1), torch.tensor([2, 2, 2, 1]),
+              torch.tensor([0, 1, 0, 1]), torch.tensor([[0.0, 0, 0], [0, 0, 2], [0, 10, 10], [0, 10, 0]]))
+    con = Contrast([bank, L.MemoryBank(5, 4)], cap_xy=5.0, cap_z=5.0)
+    calls = []
+    real = L.masked_supcon
+    monkeypatch.setattr(L, "masked_supcon", lambda a, k, p, d, tau: calls.append((a, p)) or real(a, k, p, d, tau))
+    contrastive_term(cfg, METHODS["cctr"], outs, logits, y, batch, con, g, torch.device("cpu"), {})
+    anchors, reps = calls[1]  # net A: the class call, then the REPS call
+    pix = emb.permute(0, 2, 3, 1).reshape(8, 4)
+    where = [int(torch.nonzero((pix == a).all(1))[0]) for a in anchors]  # anchor -> b*4 + i*2 + j
+    n = len(where)
+    assert sorted(where) == list(range(8))
+    slots = {w: set(torch.nonzero(reps[r, n:]).flatten().tolist()) for r, w in enumerate(where)}
+    mates = {w: {where[c] for c in torch.nonzero(reps[r, :n]).flatten().tolist()} for r, w in enumerate(where)}
+    # labeled (case 0): (0,0) -> bank slot 0 (0 mm; slot 1 is 2 mm away); (1,0) -> slot 3 (case 1 at 0 mm, nearer
+    # than the batch pixel of case 1 at 1 mm through-plane); (1,1) -> slot 2; (0,1): nothing within 5 mm in case 2
+    assert slots[0] == {0} and slots[2] == {3} and slots[3] == {2} and slots[1] == set()
+    assert mates[0] == {4} and mates[1] == set() and mates[2] == set() and mates[3] == set()
+    # unlabeled (case 1): its own case's slot 3 is never a partner; (0,1) has low confidence and (1,1) is
+    # invalid: no partner at all, and nobody's partner
+    assert slots[4] == {0} and mates[4] == {0} and slots[6] == set() and mates[6] == {2}
+    assert slots[5] == slots[7] == mates[5] == mates[7] == set()
+    assert all(5 not in v and 7 not in v for v in mates.values())
 
 
 def test_resume_is_exact(registration_ready, tmp_path):
-    cfg = tiny_cfg(method="cctr", iters=8, val_every=4)
+    cfg = tiny_cfg(method="cctr", iters=8, val_every=4, keep_last=True)
     full = train(cfg, tmp_path / "full", progress=False)
     part = train(cfg, tmp_path / "part", progress=False, stop_after=4)
     assert part.metrics["iteration"] == 4
@@ -86,7 +180,7 @@ def test_checkpoints_best_is_weights_only_and_artifacts_are_links(registration_r
     from pathlib import Path
     from urllib.parse import urlparse
 
-    res = train(tiny_cfg(method="sup", iters=4, val_every=2), tmp_path / "run", progress=False)
+    res = train(tiny_cfg(method="sup", iters=4, val_every=2, keep_last=True), tmp_path / "run", progress=False)
     best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert "optimizer" not in best and "rng_torch" not in best and "optimizer" in last

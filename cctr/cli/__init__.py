@@ -12,6 +12,7 @@ import sys
 import typer
 from rich.table import Table
 
+from cctr import tracking
 from cctr.cli import data, register
 from cctr.cli.common import emit_json
 from cctr.cli.evaluate import evaluate_cmd, predict_cmd
@@ -33,11 +34,13 @@ app.command("ui")(ui_cmd)
 
 
 @app.command("bench")
-def bench(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Speed figures side by side in one run (phantom build, loader, metrics, training step)."""
+def bench(as_json: bool = typer.Option(False, "--json"),
+          smoke: bool = typer.Option(False, "--smoke", help="Token sizes, seconds: checks the command, not speed.")
+          ) -> None:
+    """Speed figures side by side in one run (phantom build, loader, metrics, training step vs its floor)."""
     from cctr.bench import run_bench
 
-    res = run_bench(log=console.print)
+    res = run_bench(log=console.print, smoke=smoke)
     if as_json:
         emit_json(res)
         return
@@ -65,23 +68,47 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
-def main() -> None:
-    """Entry point: user errors become one stderr line and exit 2, never a traceback."""
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage-error bases, abort classes) of every click Typer may raise through.
+
+    Typer >= 0.20 vendors its own click (`typer._click`), whose exceptions do not derive from the
+    installed `click` package's; older Typer raises `click`'s. Catch both so a usage error is never
+    a traceback, whichever Typer is installed.
+    """
     import click
 
-    quiet_libraries()
-    signal.signal(signal.SIGTERM, _terminate)  # `kill` ends MLflow runs KILLED, like Ctrl-C
+    usage: list[type] = [click.exceptions.ClickException]
+    abort: list[type] = [click.exceptions.Abort]
     try:
-        app(standalone_mode=False)
+        from typer import exceptions as typer_exceptions
+        from typer._click import exceptions as vendored
+    except ImportError:
+        pass
+    else:
+        usage.append(vendored.ClickException)
+        abort.append(typer_exceptions.Abort)
+    return tuple(usage), tuple(abort)
+
+
+def main() -> None:
+    """Entry point: user errors become one stderr line and exit 2, never a traceback; usage errors
+    (missing argument, unknown option or command, bad value) print click's usage message, exit 2."""
+    quiet_libraries()
+    tracking.SOURCE_NAME = " ".join(["cctr", *sys.argv[1:2]])  # e.g. `cctr sweep` on every run it makes
+    signal.signal(signal.SIGTERM, _terminate)  # `kill` ends MLflow runs KILLED, like Ctrl-C
+    usage_errors, aborts = _click_exceptions()
+    try:
+        code = app(standalone_mode=False, prog_name="cctr")
     except CctrError as e:
         console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.ClickException as e:
+    except usage_errors as e:
         e.show()
         sys.exit(2)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, *aborts):
         console.print("interrupted", markup=False)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

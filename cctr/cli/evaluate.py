@@ -24,13 +24,16 @@ def evaluate_cmd(
     if as_json:
         emit_json(res["summary"] | {"csv": str(res["csv"]), "run_id": res["run_id"]})
         return
+    from cctr.evaluate import unit
+
+    cols = ("dice", f"hd95_{unit(convention)}", f"asd_{unit(convention)}")
     t = Table(title=f"{split} ({convention})")
-    for col in ("class", "dice", "hd95", "asd"):
+    for col in ("class", *cols):
         t.add_column(col, justify="right")
     for cls, m in res["per_class"].items():
-        t.add_row(cls, f"{m['dice']:.4f}", f"{m['hd95']:.2f}", f"{m['asd']:.2f}")
+        t.add_row(cls, *(f"{m[c]:.4f}" if c == "dice" else f"{m[c]:.2f}" for c in cols))
     s = res["summary"]
-    t.add_row("mean", f"{s['dice']:.4f}", f"{s['hd95']:.2f}", f"{s['asd']:.2f}", style="bold")
+    t.add_row("mean", *(f"{s[c]:.4f}" if c == "dice" else f"{s[c]:.2f}" for c in cols), style="bold")
     out.print(t)
     out.print(f"per-case CSV: {res['csv']}")
 

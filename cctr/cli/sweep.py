@@ -16,19 +16,23 @@ def sweep_cmd(
     dataset: str = typer.Option("phantom-cardiac", "--dataset", help="Dataset name."),
     labeled: str = typer.Option("1,2,4", "--labeled", help="Labeled counts, one study each: 1,2,4"),
     trials: int = typer.Option(8, "--trials", help="Finished (complete or pruned) trials per study."),
-    space: Path = typer.Option(Path("sweeps/default.yaml"), "--space", help="Search space YAML."),
+    space: Optional[Path] = typer.Option(None, "--space", help="Search space YAML (default: the repo's "
+                                         "sweeps/default.yaml, found from any directory)."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: mlruns/optuna.db)."),
     preset: str = typer.Option("quick", "--preset", help="quick | paper"),
     config: Optional[Path] = typer.Option(None, "--config", help="Run YAML (default experiments/<dataset>.yaml)."),
     overrides: list[str] = typer.Option([], "--set", help="section.key=value for every trial."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop starting trials after S seconds."),
     heartbeat: int = typer.Option(30, "--heartbeat", help="Seconds between worker heartbeats."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Worker processes on this machine "
+                                       "(default: one per core or GPU, at most --trials)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads per worker (default: cores // jobs)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """One Optuna study per labeled count; every trial is a nested MLflow run that really trains."""
     from cctr.config import default_config_path, load_config
     from cctr.data.datasets import get_spec
-    from cctr.sweep import load_space, parse_labeled, run_sweep
+    from cctr.sweep import DEFAULT_SPACE, load_space, parse_labeled, run_sweep
 
     counts = parse_labeled(labeled)
     get_spec(dataset)
@@ -36,10 +40,17 @@ def sweep_cmd(
         from cctr.errors import CctrError
 
         raise CctrError(f"--trials must be >= 1, got {trials}")
-    sp = load_space(space)
+    sp = load_space(space or DEFAULT_SPACE)
     cfg = load_config(config or default_config_path(dataset), preset, [*overrides, f"data.dataset={dataset}"])
+    from cctr.workers import default_jobs
+
+    if jobs is not None and jobs < 1:
+        from cctr.errors import CctrError
+
+        raise CctrError(f"--jobs must be >= 1, got {jobs}")
     results = run_sweep(cfg, counts, sp, trials, storage, timeout, heartbeat,
-                        log=lambda m: console.print(m, markup=False), progress=not as_json)
+                        log=lambda m: console.print(m, markup=False), progress=not as_json,
+                        jobs=jobs or default_jobs(trials), threads=threads)
     if as_json:
         emit_json({"dataset": dataset, "studies": [r.__dict__ for r in results]})
         return
@@ -54,7 +65,7 @@ def print_sweep_table(dataset: str, results) -> None:
     for r in results:
         b = r.best or {}
         t.add_row(str(r.labeled), f"{r.n_complete}/{r.n_pruned}/{r.n_failed}", str(b.get("trial", "-")),
-                  _f(b.get("val_dice")), _f(b.get("test_dice")), _f(b.get("test_hd95"), 2))
+                  _f(b.get("val_dice")), _f(b.get("test_dice")), _f(b.get("test_hd95_mm"), 2))
     out.print(t)
     for r in results:
         params = ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
@@ -67,10 +78,10 @@ def _f(v, nd: int = 4) -> str:
 
 
 def ui_cmd(
-    port: int = typer.Option(5000, "--port"),
-    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(5000, "--port", help="Port to serve on; a taken port is an error (exit 2)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
 ) -> None:
-    """The MLflow UI over this repo's store (loopback by default)."""
+    """The MLflow UI over this repo's store; prints the runs pages' URLs once the server answers."""
     from cctr.ui import serve
 
     serve(host, port, log=lambda m: out.print(m))
@@ -78,23 +89,38 @@ def ui_cmd(
 
 def table1_cmd(
     dataset: str = typer.Option("phantom-cardiac", "--dataset"),
-    spec: Optional[Path] = typer.Option(None, "--spec", help="Default experiments/table1_<dataset>.yaml"),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="Default: the repo's experiments/table1_<dataset>.yaml"),
     preset: Optional[str] = typer.Option(None, "--preset"),
-    seeds: Optional[int] = typer.Option(None, "--seeds", help="Number of seeds (0..N-1)."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="Number of seeds (0..N-1); default: the spec's."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Worker processes (default: one per core or GPU)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads per worker (default: cores // jobs)."),
+    register: bool = typer.Option(True, "--register/--no-register",
+                                  help="Train the registration model first if it is missing."),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="Also write the qualitative and curve figures."),
     out_dir: Path = typer.Option(Path("results"), "--out"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Run every Table-1 cell not finished yet, then write results/table1_<dataset>.{md,csv,png}."""
+    """Run every Table-1 cell not finished yet (in parallel), then write results/table1_<dataset>.*"""
+    from cctr.config import EXPERIMENTS
     from cctr.data.datasets import get_spec
-    from cctr.table1 import load_table_spec, run_table, write_table
+    from cctr.errors import CctrError
+    from cctr.table1 import disk_usage, load_table_spec, run_table, write_table
 
+    if jobs is not None and jobs < 1:
+        raise CctrError(f"--jobs must be >= 1, got {jobs}")
     ds_spec = get_spec(dataset)
-    path = spec or Path("experiments") / f"table1_{dataset.replace('-', '_')}.yaml"
+    path = spec or EXPERIMENTS / f"table1_{dataset.replace('-', '_')}.yaml"
     ts = load_table_spec(path, preset, seeds)
-    records = run_table(ts, log=lambda m: console.print(m, markup=False), progress=not as_json)
-    files = write_table(ts, records, dataset, ds_spec.class_names, out_dir)
+    records = run_table(ts, log=lambda m: console.print(m, markup=False), progress=not as_json, jobs=jobs,
+                        threads=threads, register=register)
+    files = write_table(ts, records, dataset, ds_spec.class_names, out_dir, figures=figures)
+    failed = [r for r in records if r.get("status") != "FINISHED"]
     if as_json:
-        emit_json({"dataset": dataset, "files": {k: str(v) for k, v in files.items()}, "cells": records})
-        return
-    out.print(files["md"].read_text())
-    out.print(f"wrote {files['md']}, {files['csv']}, {files['png']}")
+        emit_json({"dataset": dataset, "files": {k: str(v) for k, v in files.items()}, "disk": disk_usage(records),
+                   "cells": records})
+    else:
+        out.print(files["md"].read_text())
+        out.print("wrote " + ", ".join(str(v) for v in files.values()))
+    if failed:
+        raise CctrError(f"{len(failed)} cell(s) did not finish: " + ", ".join(
+            f"{r['method']} l={r['labeled']} seed={r['seed']} ({r.get('status')})" for r in failed))

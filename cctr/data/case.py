@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import struct
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -63,3 +66,30 @@ def normalize_mri(x: np.ndarray) -> np.ndarray:
     if hi <= lo:
         return np.zeros_like(x, dtype=np.float32)
     return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def load_npz(path: Path, mmap_bytes: int = 1 << 20) -> dict[str, np.ndarray]:
+    """Every array of an `.npz`; uncompressed members of `mmap_bytes` or more are memory-mapped.
+
+    A real CT volume is ~30 M voxels: reading every case whole (or keeping them all) does not fit a
+    workstation, while a mapped member costs memory only for the slices actually read. Mappings are
+    copy-on-write, so a caller that writes into an array never touches the file.
+    """
+    out: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        for info in zf.infolist():
+            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size < mmap_bytes:
+                with zf.open(info) as member:
+                    out[name] = np.lib.format.read_array(member)
+                continue
+            f.seek(info.header_offset + 26)  # local header: name and extra-field lengths, then the data
+            n_name, n_extra = struct.unpack("<HH", f.read(4))
+            f.seek(info.header_offset + 30 + n_name + n_extra)
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            out[name] = np.memmap(path, dtype=dtype, mode="c", offset=f.tell(), shape=shape,
+                                  order="F" if fortran else "C")
+    return out

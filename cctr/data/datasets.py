@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from cctr.atomic import atomic_dir, atomic_file
-from cctr.data.case import Case, check_case
+from cctr.data.case import Case, check_case, load_npz
 from cctr.errors import CctrError
 from cctr.paths import cache_root, data_root
 
@@ -97,23 +98,21 @@ class Dataset:
     spacing: dict[str, tuple[float, float, float]]
     predefined_split: dict[str, list[str]] | None = None
     source: str = ""
-    _memo: dict[str, Case] = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     def case(self, case_id: str) -> Case:
-        if case_id not in self._memo:
-            path = self.root / "cases" / f"{case_id}.npz"
-            try:
-                with np.load(path) as z:
-                    lab = z["label"] if z["has_label"] else None
-                    aff = z["affine"] if z["has_affine"] else None
-                    self._memo[case_id] = Case(case_id, z["image"], lab, tuple(z["spacing"]), aff)
-            except (OSError, KeyError, ValueError) as e:
-                raise CctrError(f"{path}: unreadable cached case ({e}); re-run `cctr data prepare`") from None
-        return self._memo[case_id]
+        """The cached case, image and label memory-mapped (not kept: a real CT set does not fit in RAM)."""
+        path = self.root / "cases" / f"{case_id}.npz"
+        try:
+            z = load_npz(path)
+            lab = z["label"] if z["has_label"] else None
+            aff = z["affine"] if z["has_affine"] else None
+            return Case(case_id, z["image"], lab, tuple(float(v) for v in z["spacing"]), aff)  # type: ignore[arg-type]
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
+            raise CctrError(f"{path}: unreadable cached case ({e}); re-run `cctr data prepare`") from None
 
     def cases(self, ids: Iterable[str] | None = None) -> list[Case]:
         return [self.case(c) for c in (self.case_ids if ids is None else ids)]
@@ -215,8 +214,12 @@ class Split:
                 "labeled": self.labeled}
 
 
-def make_split(ds: Dataset, n_labeled: int, seed: int = 0) -> Split:
-    """Deterministic split by patient group, written beside the cache (DESIGN §3)."""
+def make_split(ds: Dataset, n_labeled: int, seed: int = 0, labeled_seed: int | None = None) -> Split:
+    """Deterministic split by patient group, written beside the cache (DESIGN §3).
+
+    `seed` fixes train/val/test; `labeled_seed` (default: `seed`) picks which training cases are
+    labeled, so Table-1 seeds vary the labeled case while every seed is tested on the same cases.
+    """
     spec = ds.spec
     if n_labeled < 1:
         raise CctrError(f"--labeled must be >= 1, got {n_labeled}")
@@ -247,9 +250,11 @@ def make_split(ds: Dataset, n_labeled: int, seed: int = 0) -> Split:
             f"asked for {n_labeled} labeled cases but dataset '{ds.name}' has only "
             f"{len(with_label)} labeled training cases"
         )
-    order = [with_label[i] for i in np.random.default_rng(seed + 1).permutation(len(with_label))]
+    lseed = seed if labeled_seed is None else labeled_seed
+    order = [with_label[i] for i in np.random.default_rng(lseed + 1).permutation(len(with_label))]
     split = Split(seed, train, val, test, order[:n_labeled])
-    with atomic_file(ds.root / "splits" / f"split_seed{seed}_l{n_labeled}.json") as tmp:
+    tag = "" if labeled_seed is None else f"_lab{labeled_seed}"
+    with atomic_file(ds.root / "splits" / f"split_seed{seed}{tag}_l{n_labeled}.json") as tmp:
         tmp.write_text(json.dumps(split.to_json(), indent=1))
     return split
 

@@ -464,14 +464,26 @@ class NiftiFolder(Reader):
         return tuple(by_id.get(i, f"class_{i}") for i in range(max(by_id) + 1))
 
     def class_names(self, root: Path) -> tuple[str, ...]:
-        """Declared classes, else `background`, `class_1`.. up to the largest label found."""
+        """Declared classes, else `background`, `class_1`.. `class_K` for labels 0..K found.
+
+        Undeclared labels must be consecutive, as nnU-Net requires: one stray voxel of 250 must not
+        silently make a 251-class dataset.
+        """
         declared = self._declared_classes(root)
         if declared is not None:
             return declared
-        top = 0
+        first_seen: dict[int, Path] = {}
         for _, _, lab in self._pairs(root):
             labels, _, _ = read_nifti(lab)
-            top = max(top, int(check_label(labels, None, lab).max(initial=0)))
+            for v in np.unique(check_label(labels, None, lab)).tolist():
+                first_seen.setdefault(int(v), lab)
+        top = max(first_seen, default=0)
+        gap = next((v for v in range(top + 1) if v not in first_seen), None)
+        if gap is not None:
+            stray = sorted(v for v in first_seen if v > gap)
+            raise CctrError(
+                f"{first_seen[stray[0]]}: label value {stray[0]} is not consecutive with the folder's other "
+                f"labels (no case holds {gap}); labels must be 0..K, or declared in {root / 'dataset.json'}")
         return ("background",) + tuple(f"class_{i}" for i in range(1, max(top, 1) + 1))
 
     def modality(self, root: Path) -> str:

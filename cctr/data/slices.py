@@ -5,16 +5,21 @@ slices followed by B_u unlabeled slices (`TwoStreamBatchSampler`). Each sample c
 any number of per-pixel maps aligned with it (ground-truth `label`, registration label `y_reg`, its
 confidence `c_reg`, 3-channel anatomical coordinates `coords`, ...). One random geometry is drawn per
 sample and applied to the image and every map in a single resampling step that also resizes to the
-training size, so nothing drifts out of alignment and nothing is interpolated twice.
+training size, so nothing drifts out of alignment and nothing is interpolated twice. Volumes and maps
+are read one source slice at a time, never copied: memory-mapped CT volumes, per-slice compressed
+registration labels and grid-level fields train a real-size dataset without holding it in RAM.
 
 Resampling rules, by map kind:
 - ``"label"``: nearest neighbour, so a label map only ever holds values of its input (never invented
   class ids); pixels sampled outside the source slice get 0 (background).
 - ``"linear"``: bilinear, never rounded, with border padding so values stay within the input's
-  [min, max]. Anatomical coordinates are *carried*, not transformed: rotating or flipping the slice moves
-  where each coordinate appears, but a pixel's coordinate is a property of the anatomy it shows, so its
-  value is unchanged. The boolean ``valid`` map marks pixels that came from inside the source slice;
-  consumers of extrapolated border values (coordinates, confidence) can mask with it.
+  [min, max].
+- ``"field"``: a smooth map kept on a coarse lattice (`GridField`: registration coordinates and
+  confidence), read trilinearly at the very source position the image's pixel was read from.
+Anatomical coordinates are *carried*, not transformed: rotating or flipping the slice moves where each
+coordinate appears, but a pixel's coordinate is a property of the anatomy it shows, so its value is
+unchanged. The boolean ``valid`` map marks pixels that came from inside the source slice; consumers of
+extrapolated border values (coordinates, confidence) must mask with it.
 
 Augmentation is deterministic in (dataset seed, slice index, draw): `make_loader` numbers every sample it
 requests, so results do not depend on the number of worker processes and two workers never repeat each
@@ -37,8 +42,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from cctr.errors import CctrError
 
-MapKind = Literal["label", "linear"]
-_KINDS: tuple[str, ...] = ("label", "linear")
+MapKind = Literal["label", "linear", "field"]
+_KINDS: tuple[str, ...] = ("label", "linear", "field")
 _RESERVED = {"image", "case_index", "slice_index", "valid"}
 _BILINEAR, _BORDER = 0, 1  # ATen grid_sampler interpolation_mode / padding_mode codes
 
@@ -58,25 +63,93 @@ class AugmentConfig:
     p_intensity: float = 0.5
 
 
+class GridField:
+    """A smooth per-voxel map kept on a coarse lattice and interpolated where a slice reads it.
+
+    Anatomical coordinates and registration confidence carry information at the registration grid's
+    resolution; at the native resolution of real CT (~30 M voxels) they would cost hundreds of MB per
+    case for nothing. `values` [C,Zg,Hg,Wg]; along each axis (z, y, x) a native voxel index is
+    `scale * lattice index + offset`; `shape` is the native volume covered. Reads are trilinear and
+    border-clamped, which is exactly how the registration's own displacement is interpolated.
+    """
+
+    def __init__(self, values: np.ndarray, scale: Sequence[float], offset: Sequence[float],
+                 shape: Sequence[int]) -> None:
+        v = np.asarray(values, dtype=np.float32)
+        if v.ndim != 4 or min(v.shape) < 1 or len(scale) != 3 or len(offset) != 3 or len(shape) != 3:
+            raise CctrError(f"GridField: expected values [C,Z,H,W] and three scales/offsets/sizes, got {v.shape}")
+        if not np.all(np.isfinite(v)) or min(float(s) for s in scale) <= 0:
+            raise CctrError("GridField: values must be finite and scales positive")
+        self.values = v
+        self.scale = tuple(float(s) for s in scale)
+        self.offset = tuple(float(o) for o in offset)
+        self.shape: tuple[int, int, int] = tuple(int(n) for n in shape)  # type: ignore[assignment]
+        self._t = torch.from_numpy(v)[None]
+
+    @property
+    def channels(self) -> int:
+        return int(self.values.shape[0])
+
+    def sample(self, z: float, y: np.ndarray, x: np.ndarray) -> torch.Tensor:
+        """Values [C, *y.shape] at native positions (slice `z`, rows `y`, columns `x`; voxel indices)."""
+        norm = []
+        for p, ax in ((np.asarray(x, np.float32), 2), (np.asarray(y, np.float32), 1),
+                      (np.full(np.shape(y), z, np.float32), 0)):
+            n = self.values.shape[ax + 1]
+            g = (p - np.float32(self.offset[ax])) / np.float32(self.scale[ax])
+            norm.append(2.0 * g / max(n - 1, 1) - 1.0 if n > 1 else np.zeros_like(g))
+        grid = torch.from_numpy(np.stack(norm, axis=-1).astype(np.float32))[None, None]
+        out = torch.nn.functional.grid_sample(self._t, grid, mode="bilinear", padding_mode="border",
+                                              align_corners=True)
+        return out[0, :, 0]
+
+    def slab(self, z0: int, z1: int) -> np.ndarray:
+        """Values [C,z1-z0,H,W] at every voxel of native slices z0..z1-1 (monitoring; training reads
+        `sample`). The lattice is axis-aligned, so this is three small matrix products."""
+        _, zg, hg, wg = self.values.shape
+        mats = [interp_matrix(n, g, self.scale[ax], self.offset[ax])
+                for ax, (n, g) in enumerate(zip(self.shape, (zg, hg, wg)))]
+        v = torch.einsum("zk,ckhw->czhw", mats[0][z0:z1], self._t[0])
+        return (mats[1] @ v @ mats[2].T).numpy()
+
+    def slice(self, z: int) -> np.ndarray:
+        """Values [C,H,W] at every voxel of native slice `z`."""
+        return self.slab(z, z + 1)[:, 0]
+
+
+def interp_matrix(n: int, g: int, scale: float, offset: float) -> torch.Tensor:
+    """[n, g] weights that linearly interpolate g lattice samples at native indices 0..n-1, where native
+    index = scale * lattice index + offset (border-clamped, like `GridField.sample`)."""
+    p = ((torch.arange(n, dtype=torch.float64) - offset) / scale).clamp(0, g - 1)
+    i0 = p.floor().clamp(max=max(g - 2, 0)).long()
+    f = p - i0
+    m = torch.zeros(n, g, dtype=torch.float64)
+    m[torch.arange(n), i0] += 1 - f
+    m[torch.arange(n), (i0 + 1).clamp(max=g - 1)] += f
+    return m.float()
+
+
 class SliceDataset(Dataset[dict[str, Any]]):
     """All axial slices of a list of volumes, with aligned per-pixel maps, resized to `size` x `size`.
 
-    `maps[name][i]` is volume i's map ([Z,H,W], or [Z,H,W,C] for multi-channel linear maps) or None when
-    that volume lacks it (e.g. unlabeled volumes' `label`); `kinds[name]` is "label" or "linear". A
-    sample is a dict: `image` [1,S,S] float32; per map `name` ([S,S] int64 for label kind, [C,S,S]
-    float32 for linear kind; zeros when missing) and `has_<name>` (bool); `valid` [S,S] bool (inside the
+    `maps[name][i]` is volume i's map, or None when that volume lacks it (e.g. unlabeled volumes'
+    `label`); `kinds[name]` says how it is stored and read:
+    - "label": integer [Z,H,W], read at the nearest source pixel; out-of-slice pixels read 0;
+    - "linear": float [Z,H,W] or [Z,H,W,C] at native resolution, bilinear;
+    - "field": a `GridField` (coarse lattice, e.g. coordinates), trilinear at the source position.
+    A sample is a dict: `image` [1,S,S] float32; per map `name` ([S,S] int64 for label kind, [C,S,S]
+    float32 otherwise; zeros when missing) and `has_<name>` (bool); `valid` [S,S] bool (inside the
     source slice); `case_index`, `slice_index` (int).
 
-    The data are copied once into channel-last per-volume stacks (image + linear maps as float32
-    [Z,H,W,C], label maps as integers [Z,H*W+1,L]) so that one sample is read with one resampling call
-    and one gather, and the channels of a source pixel share cache lines (rotated sampling jumps
-    around the slice).
+    Nothing is copied: volumes and maps are read one source slice at a time, so memory-mapped
+    volumes and per-slice compressed label stacks (anything with `.shape`, `.dtype` and `[z]`) train
+    real CT without holding every volume in RAM.
     """
 
     def __init__(
         self,
-        volumes: Sequence[np.ndarray],
-        maps: Mapping[str, Sequence[np.ndarray | None]] | None = None,
+        volumes: Sequence[Any],
+        maps: Mapping[str, Sequence[Any]] | None = None,
         kinds: Mapping[str, MapKind] | None = None,
         size: int = 96,
         augment: bool = False,
@@ -93,36 +166,15 @@ class SliceDataset(Dataset[dict[str, Any]]):
             raise CctrError(f"SliceDataset: maps {sorted(maps)} and kinds {sorted(kinds)} name different maps")
         self.shapes: list[tuple[int, int, int]] = []
         for i, v in enumerate(volumes):
-            if np.ndim(v) != 3 or min(np.shape(v)) < 1:
-                raise CctrError(f"SliceDataset: volume {i} must be a non-empty [Z,H,W] array, got shape {np.shape(v)}")
-            self.shapes.append(tuple(int(d) for d in np.shape(v)))  # type: ignore[arg-type]
+            shape = tuple(int(d) for d in getattr(v, "shape", np.shape(v)))
+            if len(shape) != 3 or min(shape) < 1:
+                raise CctrError(f"SliceDataset: volume {i} must be a non-empty [Z,H,W] array, got shape {shape}")
+            self.shapes.append(shape)  # type: ignore[arg-type]
+        self._vols = list(volumes)
         self.kinds: dict[str, MapKind] = {}
         self.channels: dict[str, int] = {}
-        checked = {name: self._check_map(name, kind, maps[name]) for name, kind in kinds.items()}
-        self._lin_names = [m for m, k in self.kinds.items() if k == "linear"]
-        self._lab_names = [m for m, k in self.kinds.items() if k == "label"]
-        self._has = {name: np.array([m is not None for m in checked[name]]) for name in self.kinds}
-        lab_dtype = np.result_type(np.uint8, *(m.dtype for n in self._lab_names for m in checked[n] if m is not None))
-        n_lin = 1 + sum(self.channels[m] for m in self._lin_names)
-        self._lin: list[np.ndarray] = []
-        self._lab: list[np.ndarray] = []
-        for i, (z, h, w) in enumerate(self.shapes):
-            lin = np.zeros((z, h, w, n_lin), np.float32)  # missing maps stay zero; has_<name> says so
-            lin[..., 0] = volumes[i]
-            k = 1
-            for name in self._lin_names:
-                m = checked[name][i]
-                if m is not None:
-                    lin[..., k : k + self.channels[name]] = m[..., None] if m.ndim == 3 else m
-                k += self.channels[name]
-            # One extra all-zero "pixel" per slice: locations outside the slice gather label 0 from it.
-            lab = np.zeros((z, h * w + 1, len(self._lab_names)), lab_dtype)
-            for q, name in enumerate(self._lab_names):
-                m = checked[name][i]
-                if m is not None:
-                    lab[:, : h * w, q] = m.reshape(z, h * w)
-            self._lin.append(lin)
-            self._lab.append(lab)
+        self._maps = {name: self._check_map(name, kind, maps[name]) for name, kind in kinds.items()}
+        self._has = {name: np.array([m is not None for m in self._maps[name]]) for name in self.kinds}
         self.size = int(size)
         self.augment = bool(augment)
         self.seed = int(seed)
@@ -133,7 +185,7 @@ class SliceDataset(Dataset[dict[str, Any]]):
         self._z_of = np.concatenate([np.arange(d) for d in depths])
         self._offsets = np.concatenate([[0], np.cumsum(depths)])
 
-    def _check_map(self, name: str, kind: str, per_volume: Sequence[np.ndarray | None]) -> list[np.ndarray | None]:
+    def _check_map(self, name: str, kind: str, per_volume: Sequence[Any]) -> list[Any]:
         """Validate one map against the volumes; record its kind and channel count."""
         if name in _RESERVED or name.startswith("has_"):
             raise CctrError(f"SliceDataset: map name '{name}' is reserved")
@@ -141,27 +193,38 @@ class SliceDataset(Dataset[dict[str, Any]]):
             raise CctrError(f"SliceDataset: map '{name}' has kind '{kind}', expected one of {_KINDS}")
         if len(per_volume) != len(self.shapes):
             raise CctrError(f"SliceDataset: map '{name}' has {len(per_volume)} entries for {len(self.shapes)} volumes")
-        out: list[np.ndarray | None] = []
+        out: list[Any] = []
         channels: set[int] = set()
         for i, m in enumerate(per_volume):
-            if m is not None:
+            if m is None:
+                out.append(None)
+                continue
+            if kind == "field":
+                if not isinstance(m, GridField) or m.shape != self.shapes[i]:
+                    got = m.shape if isinstance(m, GridField) else type(m).__name__
+                    raise CctrError(f"SliceDataset: field '{name}' of volume {i} must be a GridField over "
+                                    f"{self.shapes[i]}, got {got}")
+                channels.add(m.channels)
+                out.append(m)
+                continue
+            if not hasattr(m, "shape") or not hasattr(m, "dtype"):
                 m = np.asarray(m)
-                if m.shape[:3] != self.shapes[i] or m.ndim not in (3, 4) or (kind == "label" and m.ndim != 3):
-                    want = "[Z,H,W]" if kind == "label" else "[Z,H,W] or [Z,H,W,C]"
-                    raise CctrError(
-                        f"SliceDataset: map '{name}' of volume {i} has shape {m.shape}, "
-                        f"expected {want} with {self.shapes[i]}"
-                    )
-                if kind == "label" and not (np.issubdtype(m.dtype, np.integer) or m.dtype == bool):
-                    raise CctrError(f"SliceDataset: label map '{name}' of volume {i} has non-integer dtype {m.dtype}")
-                if kind == "linear" and not np.all(np.isfinite(m)):
-                    raise CctrError(f"SliceDataset: linear map '{name}' of volume {i} holds NaN or inf")
-                channels.add(1 if m.ndim == 3 else m.shape[3])
+            shape = tuple(m.shape)
+            if shape[:3] != self.shapes[i] or len(shape) not in (3, 4) or (kind == "label" and len(shape) != 3):
+                want = "[Z,H,W]" if kind == "label" else "[Z,H,W] or [Z,H,W,C]"
+                raise CctrError(
+                    f"SliceDataset: map '{name}' of volume {i} has shape {shape}, expected {want} with {self.shapes[i]}"
+                )
+            if kind == "label" and not (np.issubdtype(m.dtype, np.integer) or m.dtype == bool):
+                raise CctrError(f"SliceDataset: label map '{name}' of volume {i} has non-integer dtype {m.dtype}")
+            if kind == "linear" and not np.all(np.isfinite(m)):
+                raise CctrError(f"SliceDataset: linear map '{name}' of volume {i} holds NaN or inf")
+            channels.add(1 if len(shape) == 3 else shape[3])
             out.append(m)
         if len(channels) > 1:
             raise CctrError(f"SliceDataset: map '{name}' has channel counts {sorted(channels)} across volumes")
-        if not channels and kind == "linear":
-            raise CctrError(f"SliceDataset: linear map '{name}' is missing for every volume")
+        if not channels and kind != "label":
+            raise CctrError(f"SliceDataset: {kind} map '{name}' is missing for every volume")
         self.kinds[name] = kind  # type: ignore[assignment]
         self.channels[name] = channels.pop() if channels else 1
         return out
@@ -191,8 +254,8 @@ class SliceDataset(Dataset[dict[str, Any]]):
         """Render and collate several samples at once; equal to stacking `self[k]` for each key.
 
         A key is a slice index or (slice index, draw); each sample's random parameters come from its
-        own key only. Source slices are read in place: one bilinear `grid_sample` over the image and
-        all linear maps, and one gather of every label map at the nearest source pixel.
+        own key only. Each source slice is read once per map: bilinear for the image and linear maps,
+        trilinear on the lattice for fields, nearest source pixel for label maps.
         """
         with _one_torch_thread():
             return self._render(keys)
@@ -210,27 +273,35 @@ class SliceDataset(Dataset[dict[str, Any]]):
         gx, gy = _grid(thetas, s)
         grid = torch.from_numpy(np.stack([gx, gy], axis=-1))
 
-        # Nearest source pixel as grid_sample(align_corners=False) computes it, for the whole batch at
-        # once; a location outside the source slice is invalid and reads label 0 (background) from
-        # the zero pixel stored after each slice.
+        # Source position of every output pixel as grid_sample(align_corners=False) computes it, in
+        # pixel units of the source slice; a location outside the slice is invalid and reads label 0.
         h = np.array([self.shapes[c][1] for c in cases], dtype=np.float32)[:, None, None]
         w = np.array([self.shapes[c][2] for c in cases], dtype=np.float32)[:, None, None]
         fy, fx = (gy + 1.0) * (h / 2.0), (gx + 1.0) * (w / 2.0)
         inside = (fx >= 0) & (fx < w) & (fy >= 0) & (fy < h)
-        flat = fy.astype(np.intp) * w.astype(np.intp) + fx.astype(np.intp)
-        flat = np.where(inside, flat, (h * w).astype(np.intp)).reshape(n, s * s)
+        flat = np.where(inside, fy.astype(np.intp) * w.astype(np.intp) + fx.astype(np.intp), 0).reshape(n, s * s)
 
-        lin = torch.empty(n, self._lin[0].shape[-1], s, s)
-        lab = np.empty((n, s * s, len(self._lab_names)), self._lab[0].dtype)
+        image = torch.empty(n, 1, s, s)
+        out = {name: torch.zeros(n, self.channels[name], s, s) if kind != "label" else torch.zeros(n, s, s, dtype=torch.long)
+               for name, kind in self.kinds.items()}
         for j, (c, z) in enumerate(zip(cases, zs)):
-            _bilinear(self._lin[c][z], grid[j : j + 1], out=lin[j : j + 1])
-            np.take(self._lab[c][z], flat[j], axis=0, out=lab[j], mode="clip")
+            g = grid[j : j + 1]
+            _bilinear(_plane(self._vols[c][z]), g, out=image[j : j + 1])
+            for name, kind in self.kinds.items():
+                m = self._maps[name][c]
+                if m is None:
+                    continue
+                if kind == "label":
+                    vals = np.asarray(m[z]).reshape(-1).take(flat[j])
+                    out[name][j] = torch.from_numpy(np.where(inside[j].reshape(-1), vals, 0).reshape(s, s))
+                elif kind == "linear":
+                    _bilinear(_plane(m[z]), g, out=out[name][j : j + 1])
+                else:  # pixel centres: index = normalised position * size / 2 - 0.5
+                    out[name][j] = m.sample(float(z), fy[j] - 0.5, fx[j] - 0.5)
         valid = torch.from_numpy(inside)
 
-        if not rngs:
-            image = lin[:, :1].contiguous()
-        else:
-            image = lin[:, :1] * valid[:, None]  # zero outside the slice, like air around the body
+        if rngs:
+            image *= valid[:, None]  # zero outside the slice, like air around the body
             for x, rng in zip(image.numpy()[:, 0], rngs):
                 _jitter(x, rng, self.aug)
         batch: dict[str, torch.Tensor] = {
@@ -239,15 +310,18 @@ class SliceDataset(Dataset[dict[str, Any]]):
             "case_index": torch.tensor(cases),
             "slice_index": torch.tensor(zs),
         }
-        k = 1
-        for name in self._lin_names:
-            batch[name] = lin[:, k : k + self.channels[name]].contiguous()
-            k += self.channels[name]
-        for q, name in enumerate(self._lab_names):
-            batch[name] = torch.from_numpy(lab[..., q].reshape(n, s, s)).long()
+        batch.update(out)
         for name in self.kinds:
             batch[f"has_{name}"] = torch.from_numpy(self._has[name][cases])
         return batch
+
+
+def _plane(a: Any) -> np.ndarray:
+    """One source slice as a contiguous channel-last float32 [H,W,C] array (C = 1 for [H,W])."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if not a.flags.writeable:  # torch refuses to wrap read-only memory without a warning
+        a = a.copy()
+    return a[..., None] if a.ndim == 2 else a
 
 
 @contextlib.contextmanager
@@ -530,7 +604,7 @@ def synthetic_dataset(
     """Volumes shaped like real training input, carrying every map training carries (for the benchmark).
 
     Maps: `label` (labeled volumes only), `y_reg` (label kind), `c_reg` (confidence) and 3-channel
-    `coords`, the last two linear.
+    `coords`, the last two fields on a lattice of a quarter of the in-plane resolution, as training's.
     """
     rng = np.random.default_rng(seed)
     zz, yy, xx = np.meshgrid(*(np.linspace(-1, 1, n) for n in (depth, hw, hw)), indexing="ij")
@@ -541,12 +615,15 @@ def synthetic_dataset(
         vols.append((lab / 3.0 + 0.05 * rng.standard_normal(lab.shape)).astype(np.float32))
         labels.append(lab if i < n_labeled else None)
         yreg.append(np.roll(lab, 2, axis=2))
-        creg.append(np.clip(1.0 - 0.3 * r, 0, 1).astype(np.float32))
-        coords.append(np.stack([zz * 40, yy * 80, xx * 80], axis=-1).astype(np.float32))
+        lattice = (slice(None), slice(None, None, 4), slice(None, None, 4))
+        scale, shape = (1.0, 4.0, 4.0), lab.shape
+        creg.append(GridField(np.clip(1.0 - 0.3 * r, 0, 1)[lattice][None], scale, (0, 0, 0), shape))
+        coords.append(GridField(np.stack([zz * 40, yy * 80, xx * 80])[(slice(None), *lattice)], scale, (0, 0, 0),
+                                shape))
     return SliceDataset(
         vols,
         {"label": labels, "y_reg": yreg, "c_reg": creg, "coords": coords},
-        {"label": "label", "y_reg": "label", "c_reg": "linear", "coords": "linear"},
+        {"label": "label", "y_reg": "label", "c_reg": "field", "coords": "field"},
         size=size,
         augment=True,
         seed=seed,

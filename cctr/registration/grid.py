@@ -62,7 +62,59 @@ def on_grid(vol: torch.Tensor, m: GridMap, grid: Shape3) -> torch.Tensor:
 
 def grid_label(case: Case, num_classes: int, grid: Shape3, fov_mm: tuple[float, ...]) -> torch.Tensor:
     """The case's one-hot label on the registration grid (linear: soft at boundaries), [C,*grid]."""
-    return on_grid(onehot(case.label, num_classes), case_map(case, grid, fov_mm), grid)
+    pos = case_map(case, grid, fov_mm).to_native(identity(grid))
+    return warped_onehot(np.asarray(case.label), pos, num_classes).reshape(num_classes, *grid)
+
+
+def warped_onehot(label: np.ndarray, pos: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Linearly interpolated one-hot of a label volume at voxel positions `pos` [3,...], [C,N].
+
+    The same numbers as `sample` of a float one-hot (border-clamped trilinear), computed from the
+    8 neighbouring labels of each point: no float one-hot of the whole volume per class, which for a
+    512 x 512 x 120 CT would be 126 MB each.
+    """
+    labs, frac = neighbours(label, pos)
+    return torch.zeros(num_classes, labs.shape[1]).scatter_add_(0, labs.long(), corner_weights(frac))
+
+
+def neighbours(label: np.ndarray, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8 neighbouring labels (uint8 [8,N]) of positions `pos` [3,...] in `label`, and the
+    fractional offsets [3,N] that give their trilinear weights (`corner_weights`); border-clamped
+    like `sample`. Weights are separate because most points need none: all 8 labels agree."""
+    shape = label.shape
+    flat = np.ascontiguousarray(label, dtype=np.uint8).reshape(-1)
+    p = pos.reshape(3, -1).numpy()
+    base = np.zeros(p.shape[1], np.intp)
+    fr, steps = [], []
+    stride = (shape[1] * shape[2], shape[2], 1)
+    for ax in range(3):
+        q = np.clip(p[ax], 0, shape[ax] - 1)
+        i0 = np.minimum(np.floor(q), max(shape[ax] - 2, 0))
+        fr.append(q - i0)
+        i0 = i0.astype(np.intp)
+        base += i0 * stride[ax]
+        steps.append((i0 + 1 < shape[ax]).astype(np.intp) * stride[ax])  # 0 on a one-voxel axis
+    labs = np.empty((8, base.size), np.uint8)
+    k = 0
+    for dz in (0, 1):
+        bz = base + steps[0] if dz else base
+        for dy in (0, 1):
+            bzy = bz + steps[1] if dy else bz
+            flat.take(bzy, out=labs[k])
+            flat.take(bzy + steps[2], out=labs[k + 1])
+            k += 2
+    return torch.from_numpy(labs), torch.from_numpy(np.stack(fr))
+
+
+def corner_weights(frac: torch.Tensor) -> torch.Tensor:
+    """Trilinear weights [8,N] of the corners `neighbours` lists, from its offsets [3,N]."""
+    fz, fy, fx = frac
+    out = []
+    for wz in (1 - fz, fz):
+        for wy in (1 - fy, fy):
+            wzy = wz * wy
+            out += [wzy * (1 - fx), wzy * fx]
+    return torch.stack(out)
 
 
 def check_grid(grid: Shape3) -> Shape3:
@@ -90,11 +142,6 @@ def sample(vol: torch.Tensor, pos: torch.Tensor, mode: str = "linear") -> torch.
     g = torch.stack(norm[::-1], dim=-1)  # grid_sample wants (x, y, z) last
     return F.grid_sample(vol, g.to(vol.dtype), mode="bilinear" if mode == "linear" else "nearest",
                          padding_mode="border", align_corners=True)
-
-
-def onehot(label: np.ndarray | torch.Tensor, num_classes: int) -> torch.Tensor:
-    lab = torch.as_tensor(np.asarray(label), dtype=torch.long)
-    return F.one_hot(lab, num_classes).permute(3, 0, 1, 2).float()
 
 
 def scale_between(src: Shape3 | tuple[int, ...], dst: Shape3 | tuple[int, ...]) -> torch.Tensor:

@@ -25,8 +25,14 @@ def ncc_loss(a: torch.Tensor, b: torch.Tensor, window: int = 5, eps: float = 1e-
     # windows larger than a (tiny) volume shrink to its largest odd size along that axis
     k = tuple(min(w, n - 1 + n % 2) for n in a.shape[2:])
 
-    def box(x: torch.Tensor) -> torch.Tensor:  # local mean; zero padding outside the volume
-        return F.avg_pool3d(x, k, stride=1, padding=tuple(v // 2 for v in k), count_include_pad=True)
+    def box(x: torch.Tensor) -> torch.Tensor:
+        """Local mean, zero padding outside the volume; separable: 3k instead of k^3 operations per
+        voxel for the same numbers (a 19^3 window took seconds per volume)."""
+        for ax in range(3):
+            if k[ax] > 1:
+                size = tuple(k[ax] if i == ax else 1 for i in range(3))
+                x = F.avg_pool3d(x, size, stride=1, padding=tuple(v // 2 for v in size), count_include_pad=True)
+        return x
 
     mu_a, mu_b = box(a), box(b)
     var_a = (box(a * a) - mu_a * mu_a).clamp(min=0)

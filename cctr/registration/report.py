@@ -1,6 +1,8 @@
-"""How good is the registration? Multi-atlas Dice on the unlabeled training cases (monitoring only; this
-is also the `reg-only` baseline), against no registration and against scikit-image's TV-L1 optical
-flow on the same pairs at the same grid, plus folding (non-positive Jacobian) and speed.
+"""How good is the registration? Multi-atlas Dice on the validation cases (where registration settings
+are chosen: the held-back labels of unlabeled training cases are for monitoring only), against no
+registration and against scikit-image's TV-L1 optical flow on the same pairs at the same grid, plus
+folding (non-positive Jacobian), speed, and whether the confidence `c_reg` is calibrated (Dice of
+y_reg above vs below the training threshold).
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cctr.config import RegistrationConfig, from_dict
+from cctr.config import RegistrationConfig, TrainConfig, from_dict
 from cctr.console import progress_bar
 from cctr.data.datasets import load_dataset, make_split
 from cctr.errors import CctrError
 from cctr.metrics import dice_per_class
-from cctr.registration.apply import Registrar, fuse, registration_maps
+from cctr.registration.apply import Registrar, confidence_calibration, registration_maps, transfer_labels
 from cctr.registration.grid import apply_affine, grid_label, identity, sample
 from cctr.registration.net import jacobian_det
 from cctr.registration.train import find_checkpoint, load_model
@@ -48,20 +50,24 @@ def _mean_dice(per_case: list[np.ndarray]) -> tuple[float, list[float]]:
 
 
 def registration_report(dataset: str, cfg: RegistrationConfig, n_labeled: int, seed: int = 0,
-                        checkpoint: Path | None = None, progress: bool = True, log: bool = True) -> dict:
-    """The six headline figures (+ per-class Dice); logs an MLflow run with them and the figure."""
+                        checkpoint: Path | None = None, progress: bool = True, log: bool = True,
+                        threshold: float | None = None) -> dict:
+    """The headline figures on the validation cases (+ per-class Dice and the confidence calibration
+    at `threshold`, default `train.conf_threshold`); logs an MLflow run with them and the figure."""
     ds = load_dataset(dataset)
     split = make_split(ds, n_labeled, seed)
-    unl = split.unlabeled
-    if not unl:
-        raise CctrError(f"dataset '{dataset}' has no unlabeled training cases with --labeled {n_labeled}")
+    val = [c for c in split.val if ds.case(c).label is not None]
+    if not val:
+        raise CctrError(f"dataset '{dataset}' has no labeled validation cases to measure registration on")
+    threshold = TrainConfig().conf_threshold if threshold is None else float(threshold)
     ckpt = Path(checkpoint) if checkpoint is not None else find_checkpoint(dataset, cfg, split)
     maps = registration_maps(dataset, cfg, split, ckpt, progress)
     model, ck = load_model(ckpt, dataset, cfg.grid)
     reg = Registrar(ds, model, from_dict(RegistrationConfig, ck["config"]))
-    for cid in split.labeled + unl:
+    for cid in split.labeled + val:
         reg.image(cid)
-    reg.phi(split.labeled[0], unl[0])  # warm-up: one-off allocator/oneDNN set-up is not per-pair cost
+    atlases = {lid: reg.atlas(lid) for lid in split.labeled}
+    reg.phi(split.labeled[0], val[0])  # warm-up: one-off allocator/oneDNN set-up is not per-pair cost
 
     C = ds.spec.num_classes
     dice = {"reg": [], "identity": [], "tvl1": []}
@@ -69,8 +75,8 @@ def registration_report(dataset: str, cfg: RegistrationConfig, n_labeled: int, s
     neg = total = 0
     first = None
     with progress_bar(progress) as bar:
-        task = bar.add_task(f"report {dataset} (TV-L1 is slow)", total=len(unl)) if bar else None
-        for vid in unl:
+        task = bar.add_task(f"report {dataset} (TV-L1 is slow)", total=len(val)) if bar else None
+        for vid in val:
             target = ds.case(vid)
             ours, tv = {}, {}
             for lid in split.labeled:
@@ -85,20 +91,23 @@ def registration_report(dataset: str, cfg: RegistrationConfig, n_labeled: int, s
                 total += jac.numel()
                 first = first or (lid, vid, ours[lid])
             ident = {lid: identity(tuple(cfg.grid)) for lid in split.labeled}
-            ref, fov = split.labeled[0], reg.cfg.fov_mm
+            fov = reg.cfg.fov_mm
             dice["reg"].append(dice_per_class(maps.y_reg(vid), target.label, C))
-            dice["identity"].append(dice_per_class(fuse(ident, target, ds, ref, fov)[0], target.label, C))
-            dice["tvl1"].append(dice_per_class(fuse(tv, target, ds, ref, fov)[0], target.label, C))
+            dice["identity"].append(dice_per_class(transfer_labels(ident, target, atlases, C, fov), target.label, C))
+            dice["tvl1"].append(dice_per_class(transfer_labels(tv, target, atlases, C, fov), target.label, C))
             if bar:
                 bar.advance(task)
-    n_pairs = len(unl) * len(split.labeled)
-    res: dict = {"dataset": dataset, "labeled": n_labeled, "seed": seed, "pairs": n_pairs}
+    n_pairs = len(val) * len(split.labeled)
+    res: dict = {"dataset": dataset, "labeled": n_labeled, "seed": seed, "targets": "val", "pairs": n_pairs}
     for k, v in dice.items():
         res[f"dice_{k}"], per_class = _mean_dice(v)
         res[f"dice_{k}_per_class"] = dict(zip(ds.spec.class_names[1:], per_class))
     res["neg_jacobian_frac"] = neg / max(total, 1)
     res["pair_s"] = t_ours / n_pairs
     res["pair_s_tvl1"] = t_tv / n_pairs
+    res.update(confidence_calibration(maps, ds, val, threshold))
+    unl = [dice_per_class(maps.y_reg(c), lab, C) for c in split.unlabeled if (lab := ds.case(c).label) is not None]
+    res["dice_reg_unlabeled"] = _mean_dice(unl)[0] if unl else float("nan")  # monitoring only, never for choosing
     res["checkpoint"] = str(ckpt)
     if log:
         _log(dataset, res, figure(reg, ds, *first), n_labeled, seed, ck)
