@@ -44,17 +44,17 @@ def load_nets(path: str | Path, device=None):
     return cfg, [n.to(dev).eval() for n in nets], ck
 
 
-def predict_cases(nets, ds, ids: list[str], size: int, device) -> dict[str, dict[str, np.ndarray]]:
-    """Per case: net A, net B and ensemble labels at native resolution."""
-    from cctr.inference import predict_volume
+def predict_cases(nets, ds, ids: list[str], size: int, device, keys: tuple[str, ...] = ("ens",)
+                  ) -> dict[str, dict[str, np.ndarray]]:
+    """Per case, uint8 labels at native resolution: any of net A alone ("a"), net B alone ("b") and the
+    ensemble ("ens"). Each case is predicted in slabs (never C x Z x H x W probabilities) and only the
+    asked-for labels are kept, so a CT-sized split fits in memory."""
+    from cctr.inference import predict_case_labels
 
     out = {}
     for cid in ids:
-        img = ds.case(cid).image
-        pa = predict_volume([nets[0]], img, size, device=device, return_probs=True)
-        pb = predict_volume([nets[1]], img, size, device=device, return_probs=True)
-        out[cid] = {"a": pa.argmax(0).astype(np.uint8), "b": pb.argmax(0).astype(np.uint8),
-                    "ens": ((pa + pb) / 2).argmax(0).astype(np.uint8)}
+        labels = predict_case_labels(nets, ds.case(cid).image, size, device=device)
+        out[cid] = {k: labels[k] for k in keys}
     return out
 
 

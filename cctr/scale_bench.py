@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cctr.errors import CctrError
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--build-only", action="store_true", help="only write the BTCV-layout set (reused later)")
     a = ap.parse_args(argv)
     if min(a.size, a.slices) < 8 or min(a.reg_iters, a.iters, a.labeled) < 1:
-        raise SystemExit("error: --size/--slices must be >= 8 and --reg-iters/--iters/--labeled >= 1")
+        raise CctrError("--size/--slices must be >= 8 and --reg-iters/--iters/--labeled >= 1")
 
     from cctr.config import load_config
 

@@ -321,10 +321,12 @@ def _parent_run(study, cfg: RunConfig, name: str, owner: bool, space: Space, wai
     return run.run_id
 
 
-def _finished(study) -> int:
+def _taken(study) -> int:
+    """Trials that count towards --trials (complete, pruned) plus those a worker is training now."""
     from optuna.trial import TrialState
 
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return len(study.get_trials(deepcopy=False, states=states))
 
 
 def _optimize(study, cfg: RunConfig, space: Space, n_trials: int, parent: str, deadline, progress, log) -> None:
@@ -334,11 +336,13 @@ def _optimize(study, cfg: RunConfig, space: Space, n_trials: int, parent: str, d
     def objective(trial: optuna.Trial) -> float:
         return _objective(trial, cfg, space, parent, progress)
 
-    while _finished(study) < n_trials:
+    while True:
+        fail_stale_trials(study)  # a dead worker's trial is FAIL (and retried), no longer counted as running
+        if _taken(study) >= n_trials:  # workers in flight finish the study: no overshoot
+            break
         if deadline and time.time() > deadline:
             log("sweep: timeout reached")
             break
-        fail_stale_trials(study)
         study.optimize(objective, n_trials=1, catch=(), gc_after_trial=True)
 
 

@@ -332,7 +332,7 @@ def pseudo_label_quality(nets, data: RunData, size: int, device, reg_dice: dict[
     ids = data.split.unlabeled[:max_cases]
     if not ids:
         return {}
-    preds = predict_cases(nets, data.ds, ids, size, device)
+    preds = predict_cases(nets, data.ds, ids, size, device, keys=("a", "b"))
     C = data.ds.spec.num_classes
     acc: dict[str, list[float]] = {"pl_dice_a": [], "pl_dice_b": [], "pl_dice_reg": []}
     for cid in ids:
@@ -582,6 +582,10 @@ def _final_report(cfg, data: RunData, run, run_dir: Path, device, state: StepSta
     out: dict[str, float] = {"best_iter": float(state.best_iter), "val_best_dice": state.best_dice}
     out.update({f"{k}_early": v for k, v in monitor_metrics(state.early, cfg.train.iters // 4).items()
                 if k.endswith("pair_precision")})
+    if data.reg is not None:  # is c_reg calibrated? y_reg Dice above/below the threshold, validation cases
+        from cctr.registration import confidence_calibration
+
+        out.update(confidence_calibration(data.reg, data.ds, data.split.val, cfg.train.conf_threshold))
     for tag in ("best", "last"):
         nets = load_nets(run_dir / "best.pt", device)[1] if tag == "best" else [n.eval() for n in last_nets]
         preds = predict_cases(nets, data.ds, data.split.test, cfg.data.size, device)
@@ -592,7 +596,7 @@ def _final_report(cfg, data: RunData, run, run_dir: Path, device, state: StepSta
         prefix = "test" if tag == "best" else "test_last"
         out.update({f"{prefix}_{k}": v for k, v in summ.items() if isinstance(v, float)})
         if tag == "best":
-            vp = predict_cases(nets, data.ds, data.split.val[:3], cfg.data.size, device)
+            vp = predict_cases(nets, data.ds, data.split.val[:3], cfg.data.size, device, keys=("a", "b", "ens"))
             fig_path = overlay_figure(data.ds, vp, run_dir / "val_overlays.png")
             run.log_artifact(fig_path)
     run.log_metrics(out, state.iteration)

@@ -51,3 +51,16 @@ def test_bench_smoke_json():
     assert res["step_overhead"] == res["step_cctr_s"] / res["step_ct_s"]
     assert res["ct_over_floor"] == res["step_ct_s"] / res["floor_s"]
     assert res["bank_mb"] > 0
+
+
+def test_bench_scale_tiny(tmp_path):
+    """`cctr bench --scale` at a token size: every stage runs and reports wall time, peak RSS and disk."""
+    p = cli("bench", "--scale", "--cases", "6", "--size", "32", "--slices", "8", "--reg-iters", "2", "--iters", "2",
+            "--train-size", "32", "--batch", "2", "--workdir", str(tmp_path / "sb"), timeout=600)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert set(res["stages"]) == {"prepare", "register_train", "register_apply", "train", "evaluate", "predict"}
+    for figs in res["stages"].values():
+        assert figs["wall_s"] > 0 and figs["peak_rss_mb"] > 0 and figs["disk_mb"] >= 0
+    assert res["maps_mb_per_case"] > 0 and res["apply_s_per_case"] > 0 and res["train_first_iter_s"] > 0
+    assert cli("bench", "--scale", "--size", "4", timeout=120).returncode == 2

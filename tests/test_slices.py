@@ -267,9 +267,17 @@ def test_bad_input_raises_one_line_errors() -> None:
         TwoStreamBatchSampler([0], [1, 2], 1, 3)
 
 
-def test_bench_loader_reports_throughput() -> None:
-    out = bench_loader(num_workers=0, seconds=0.3, warmup_batches=1)
-    assert set(out) == {"loader_slices_per_s"} and out["loader_slices_per_s"] > 0
+def test_bench_loader_reports_throughput(monkeypatch) -> None:
+    """Slices per second = whole batches (4 + 4 slices) delivered / elapsed time, on a fake clock."""
+    import itertools
+
+    import cctr.data.slices as S
+
+    ticks = itertools.count()
+    monkeypatch.setattr(S.time, "perf_counter", lambda: next(ticks) * 0.1)
+    # clock reads: t0 = 0.0, then 0.1, 0.2, 0.3 (< 0.35: three batches), 0.4 (stop), elapsed read at 0.5
+    out = bench_loader(num_workers=0, seconds=0.35, warmup_batches=1)
+    assert out == {"loader_slices_per_s": pytest.approx(3 * 8 / 0.5)}
 
 
 def test_field_read_at_the_image_pixel_source_position() -> None:

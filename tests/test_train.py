@@ -69,6 +69,8 @@ def test_every_variant_smoke(method, registration_ready, tmp_path):
         assert run.data.metrics["reps_anchor_frac"] > 0 and 0 <= res.metrics["reps_pair_precision_early"] <= 1
     assert ("pl_pair_precision_early" in res.metrics) == m.con
     assert ("rsl_yield_frac" in run.data.metrics) == m.rsl
+    if m.needs_registration:  # the confidence calibration on validation cases, in --json and MLflow
+        assert 0 <= res.metrics["reg_dice_conf_low"] <= 1 and 0 <= res.metrics["reg_dice_conf_high"] <= 1
 
 
 def test_reps_changes_the_weights(registration_ready, tmp_path):

@@ -33,12 +33,22 @@ app.command("table1")(table1_cmd)
 app.command("ui")(ui_cmd)
 
 
-@app.command("bench")
-def bench(as_json: bool = typer.Option(False, "--json"),
-          smoke: bool = typer.Option(False, "--smoke", help="Token sizes, seconds: checks the command, not speed.")
+@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context, as_json: bool = typer.Option(False, "--json"),
+          smoke: bool = typer.Option(False, "--smoke", help="Token sizes, seconds: checks the command, not speed."),
+          scale: bool = typer.Option(False, "--scale", help="Every stage on a Synapse-sized set (30 x 512x512x120; "
+                                     "--cases/--size/--slices/--iters/--workdir ... make it smaller); one JSON object.")
           ) -> None:
     """Speed figures side by side in one run (phantom build, loader, metrics, training step vs its floor)."""
     from cctr.bench import run_bench
+
+    if scale:
+        from cctr.scale_bench import main as scale_main
+
+        scale_main(list(ctx.args))
+        return
+    if ctx.args:
+        raise typer.BadParameter(f"unexpected arguments {' '.join(ctx.args)} (only --scale takes more)")
 
     res = run_bench(log=console.print, smoke=smoke)
     if as_json:

@@ -6,8 +6,17 @@ Python API for the segmentation trainer:
     confidence_calibration(maps, ds, ids, t)  -> y_reg Dice where c_reg >= t vs below (validation cases)
 """
 
-from cctr.registration.apply import CaseMaps, RegMaps, confidence_calibration, registration_maps
-from cctr.registration.train import ensure_registration, find_checkpoint, train_registration
+from cctr.registration.apply import (
+           CaseMaps,
+           RegMaps,
+           confidence_calibration,
+           registration_maps,
+)
+from cctr.registration.train import (
+           ensure_registration,
+           find_checkpoint,
+           train_registration,
+)
 
 __all__ = ["CaseMaps", "RegMaps", "confidence_calibration", "ensure_registration", "find_checkpoint",
            "registration_maps", "train_registration"]

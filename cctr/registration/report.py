@@ -20,7 +20,12 @@ from cctr.console import progress_bar
 from cctr.data.datasets import load_dataset, make_split
 from cctr.errors import CctrError
 from cctr.metrics import dice_per_class
-from cctr.registration.apply import Registrar, confidence_calibration, registration_maps, transfer_labels
+from cctr.registration.apply import (
+    Registrar,
+    confidence_calibration,
+    registration_maps,
+    transfer_labels,
+)
 from cctr.registration.grid import apply_affine, grid_label, identity, sample
 from cctr.registration.net import jacobian_det
 from cctr.registration.train import find_checkpoint, load_model

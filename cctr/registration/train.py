@@ -20,7 +20,13 @@ from cctr.console import progress_bar
 from cctr.data.datasets import Dataset, Split, load_dataset, make_split
 from cctr.errors import CctrError
 from cctr.paths import cache_root
-from cctr.registration.grid import check_grid, grid_image, grid_label, pair_affine, sample
+from cctr.registration.grid import (
+    check_grid,
+    grid_image,
+    grid_label,
+    pair_affine,
+    sample,
+)
 from cctr.registration.losses import dice_loss, grad_loss, similarity
 from cctr.registration.net import RegNet, register_pair
 
