@@ -507,7 +507,7 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
                                         else weights[k][0]) * v for k, v in terms.items() if k != "sup")
             if not torch.isfinite(total):
                 raise Diverged(f"non-finite loss at iteration {it} "
-                               f"({', '.join(f'{k}={float(v):.3g}' for k, v in terms.items())})")
+                               f"({', '.join(f'{k}={float(v.detach()):.3g}' for k, v in terms.items())})")
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(total).backward()

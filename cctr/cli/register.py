@@ -98,7 +98,7 @@ def report(
     checkpoint: Optional[Path] = _CKPT,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Dice of y_reg vs identity vs TV-L1 on the unlabeled training cases; folding; speed."""
+    """Dice of y_reg vs identity vs TV-L1 on the validation cases, c_reg calibration; folding; speed."""
     from cctr.registration.report import registration_report
 
     cfg = _cfg(dataset, config, preset, sets)
