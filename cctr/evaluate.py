@@ -84,18 +84,12 @@ def evaluate_predictions(preds: dict[str, np.ndarray], ds, convention: str = "st
 
 def dice_summary(preds: dict[str, np.ndarray], ds) -> dict[str, float]:
     """Mean foreground Dice (and per class) only: validation's model selection needs no surface distances."""
-    import warnings
+    from cctr.metrics import dice_per_class, summarize
 
-    from cctr.metrics import dice_per_class
-
-    spec = ds.spec
-    table = np.stack([dice_per_class(p, ds.case(c).label, spec.num_classes) for c, p in preds.items()])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a class absent from every case is NaN, not an error
-        per_class = np.nanmean(table, axis=0)
-        out = {"dice": float(np.nanmean(np.nanmean(table, axis=1)))}
-    out.update({f"dice_{n}": float(per_class[k]) for k, n in enumerate(spec.class_names[1:])})
-    return out
+    C = ds.spec.num_classes
+    raw = summarize([{"dice": dice_per_class(p, ds.case(c).label, C)} for c, p in preds.items()], ("dice",))
+    return {"dice": raw["dice"], **{f"dice_{n}": float(raw["dice_per_class"][k])
+                                    for k, n in enumerate(ds.spec.class_names[1:])}}
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:

@@ -99,16 +99,6 @@ def rsl_loss(
     return dice_ce(logits, y_reg, num_classes, ignore if ignore_mask is None else ignore | ignore_mask)
 
 
-def resize_nearest(x: torch.Tensor, hw: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """Nearest resampling of [B,H,W] or [B,C,H,W] (any dtype) to `hw`, reading each output pixel's centre.
-
-    Used to bring labels / registration coordinates to the embedding resolution; unlike
-    `F.interpolate(mode="nearest")` it keeps integer dtypes and samples centres, not top-left corners.
-    """
-    iy, ix = nearest_index(tuple(x.shape[-2:]), hw, x.device)
-    return x[..., iy[:, None], ix[None, :]]
-
-
 def nearest_index(hw_in: tuple[int, int], hw: tuple[int, int] | torch.Size, device=None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column indices of the input pixel whose area holds each output pixel's centre.
@@ -134,7 +124,7 @@ def sample_anchors(
     """
     b, d, h, w = embed.shape
     if labels.shape != (b, h, w):
-        raise ValueError(f"labels {list(labels.shape)} do not match embed {[b, h, w]}; use resize_nearest")
+        raise ValueError(f"labels {list(labels.shape)} do not match embed {[b, h, w]}; use nearest_index")
     flat = labels.reshape(-1).long()
     valid = torch.nonzero(flat >= 0).squeeze(1)
     cls = flat[valid]
@@ -155,35 +145,6 @@ def sample_anchors(
     xi = chosen % w
     feats = embed.permute(0, 2, 3, 1)[bi, yi, xi]
     return feats, flat[chosen], (bi, yi, xi)
-
-
-def supcon_loss(
-    anchors: torch.Tensor,
-    classes: torch.Tensor,
-    tau: float,
-    bank_feats: torch.Tensor | None = None,
-    bank_classes: torch.Tensor | None = None,
-    bank_valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Pixel-level supervised contrastive loss (Khosla et al. 2020, L_out form), positives by class.
-
-    Keys are the other anchors plus the bank entries; bank slots with class < 0 or `bank_valid`
-    False are empty and take no part. See `masked_supcon` for the formula.
-    """
-    if (bank_feats is None) != (bank_classes is None):
-        raise ValueError("bank_feats and bank_classes go together")
-    if bank_valid is not None and bank_feats is None:
-        raise ValueError("bank_valid needs a bank")
-    keys, key_cls = anchors, classes.long()
-    if bank_feats is not None:
-        keys = torch.cat([anchors.float(), bank_feats.to(anchors.device).float()], 0)
-        bank_cls = bank_classes.long().to(key_cls.device)
-        if bank_valid is not None:
-            bank_cls = bank_cls.masked_fill(~bank_valid.to(bank_cls.device), -1)
-        key_cls = torch.cat([key_cls, bank_cls], 0)
-    denom = key_mask(anchors.shape[0], key_cls)
-    pos = (classes.long().unsqueeze(1) == key_cls.unsqueeze(0)) & denom
-    return masked_supcon(anchors, keys, pos, denom, tau)
 
 
 def key_mask(n: int, key_cls: torch.Tensor) -> torch.Tensor:

@@ -155,7 +155,7 @@ def case_metrics(
     return res
 
 
-def summarize(rows: Iterable[dict[str, np.ndarray]]) -> dict:
+def summarize(rows: Iterable[dict[str, np.ndarray]], metrics: tuple[str, ...] = METRICS) -> dict:
     """Mean over classes, then over cases, NaN (excluded classes/cases) ignored.
 
     Returns, per metric m: ``m`` (float, NaN if nothing was measured) and ``m_per_class`` (the
@@ -163,7 +163,7 @@ def summarize(rows: Iterable[dict[str, np.ndarray]]) -> dict:
     """
     rows = list(rows)
     out: dict = {"n_cases": len(rows)}
-    for m in METRICS:
+    for m in metrics:
         if not rows:
             out[m], out[f"{m}_per_class"] = float("nan"), np.zeros(0)
             continue

@@ -3,7 +3,7 @@
 Each `SegNet` returns the segmentation logits *and* L2-normalised pixel embeddings taken from the
 decoder features (the tensor smp's segmentation head consumes), so the contrastive loss shapes the
 same representation the segmentation is read from. Embeddings stay at decoder resolution (full
-resolution for U-Net, 1/4 for SegFormer): sample labels there (`cctr.losses.resize_nearest`) instead of
+resolution for U-Net, 1/4 for SegFormer): sample labels there (`cctr.losses.nearest_index`) instead of
 upsampling D-dim maps, which would cost D/C times the memory of the logits.
 
 Input height and width must be multiples of the encoder's output stride (32 for the defaults).

@@ -393,18 +393,17 @@ def _objective(trial, cfg: RunConfig, space: Space, parent: str, progress: bool)
         if trial.should_prune():
             raise Pruned(f"pruned at iteration {step} (val dice {val:.4f})")
 
-    def on_start(rid: str) -> None:
-        from cctr import tracking
+    run_name = trial_run_name(tcfg, trial.number, values)
 
-        run_name = trial_run_name(tcfg, trial.number, values)
+    def on_start(rid: str) -> None:
         trial.set_user_attr("mlflow_run_id", rid)
         trial.set_user_attr("mlflow_run_name", run_name)
-        tracking.Run(rid).rename(run_name)
 
     run_dir = run_dir_for(tcfg) / f"trial{trial.number}-{os.getpid()}"
     try:
         res = train(tcfg, run_dir, progress=progress, on_validation=on_validation, parent_run_id=parent,
-                    tags={"optuna_study": name, "optuna_trial": trial.number}, on_start=on_start)
+                    tags={"optuna_study": name, "optuna_trial": trial.number}, on_start=on_start,
+                    run_name=run_name)
     except Pruned as e:
         raise optuna.TrialPruned(str(e)) from None
     except Diverged as e:

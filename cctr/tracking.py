@@ -145,9 +145,6 @@ class Run:
         for i in range(0, len(ps), 90):
             client().log_batch(self.run_id, params=ps[i:i + 90])
 
-    def rename(self, name: str) -> None:
-        client().update_run(self.run_id, name=name)
-
     def set_tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
             client().set_tag(self.run_id, k, str(v))

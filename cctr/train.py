@@ -327,23 +327,16 @@ def pseudo_label_quality(nets, data: RunData, size: int, device, reg_dice: dict[
     Held-back labels are read here for monitoring only; they never reach the loss. `reg_dice` caches
     y_reg's Dice, which does not change during a run.
     """
-    from cctr.metrics import dice_per_class
-
     ids = data.split.unlabeled[:max_cases]
     if not ids:
         return {}
     preds = predict_cases(nets, data.ds, ids, size, device, keys=("a", "b"))
-    C = data.ds.spec.num_classes
-    acc: dict[str, list[float]] = {"pl_dice_a": [], "pl_dice_b": [], "pl_dice_reg": []}
-    for cid in ids:
-        gt = data.ds.case(cid).label
-        acc["pl_dice_a"].append(np.nanmean(dice_per_class(preds[cid]["a"], gt, C)))
-        acc["pl_dice_b"].append(np.nanmean(dice_per_class(preds[cid]["b"], gt, C)))
-        if data.reg is not None:
-            if cid not in reg_dice:
-                reg_dice[cid] = float(np.nanmean(dice_per_class(data.reg.y_reg(cid), gt, C)))
-            acc["pl_dice_reg"].append(reg_dice[cid])
-    return {k: float(np.mean(v)) for k, v in acc.items() if v}
+    out = {f"pl_dice_{k}": dice_summary({c: p[k] for c, p in preds.items()}, data.ds)["dice"] for k in ("a", "b")}
+    if data.reg is not None:
+        if "dice" not in reg_dice:
+            reg_dice.update(dice_summary({c: data.reg.y_reg(c) for c in ids}, data.ds))
+        out["pl_dice_reg"] = reg_dice["dice"]
+    return out
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -587,16 +580,17 @@ def _final_report(cfg, data: RunData, run, run_dir: Path, device, state: StepSta
 
         out.update(confidence_calibration(data.reg, data.ds, data.split.val, cfg.train.conf_threshold))
     for tag in ("best", "last"):
-        nets = load_nets(run_dir / "best.pt", device)[1] if tag == "best" else [n.eval() for n in last_nets]
-        preds = predict_cases(nets, data.ds, data.split.test, cfg.data.size, device)
-        rows, summ = evaluate_predictions({c: p["ens"] for c, p in preds.items()}, data.ds)
+        if tag == "best" or state.best_iter != state.iteration:  # else the last weights are best.pt's
+            nets = load_nets(run_dir / "best.pt", device)[1] if tag == "best" else [n.eval() for n in last_nets]
+            preds = predict_cases(nets, data.ds, data.split.test, cfg.data.size, device)
+            rows, summ = evaluate_predictions({c: p["ens"] for c, p in preds.items()}, data.ds)
         csv_path = run_dir / f"test_per_case_{tag}.csv"
         write_rows(csv_path, rows)
         run.log_artifact(csv_path)
         prefix = "test" if tag == "best" else "test_last"
         out.update({f"{prefix}_{k}": v for k, v in summ.items() if isinstance(v, float)})
         if tag == "best":
-            vp = predict_cases(nets, data.ds, data.split.val[:3], cfg.data.size, device, keys=("a", "b", "ens"))
+            vp = predict_cases(nets, data.ds, data.split.val[:3], cfg.data.size, device, keys=("a", "b"))
             fig_path = overlay_figure(data.ds, vp, run_dir / "val_overlays.png")
             run.log_artifact(fig_path)
     run.log_metrics(out, state.iteration)

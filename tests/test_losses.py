@@ -16,13 +16,24 @@ from cctr.losses import (
     dice_ce,
     dice_loss,
     masked_supcon,
+    nearest_index,
     ramp_weight,
     reps_partners,
-    resize_nearest,
     rsl_loss,
     sample_anchors,
-    supcon_loss,
 )
+
+
+def supcon_loss(anchors, classes, tau, bank_feats=None, bank_classes=None):
+    """The class-based contrast as the trainer builds it (`contrast_masks` without REPS, then
+    `masked_supcon`): keys are the anchors, then the bank; one case, pseudo labels."""
+    keys = anchors if bank_feats is None else torch.cat([anchors, bank_feats])
+    k_cls = classes if bank_classes is None else torch.cat([classes, bank_classes])
+    zero = torch.zeros_like(k_cls)
+    m = contrast_masks(classes, torch.zeros_like(classes, dtype=torch.bool), torch.zeros_like(classes), k_cls,
+                       zero.bool(), zero)
+    return masked_supcon(anchors, keys, m["pos"], m["denom"], tau)
+
 
 LN3 = math.log(3.0)
 
@@ -158,8 +169,9 @@ def test_supcon_with_bank_and_reps_extra_positives() -> None:
     pos[:, 3:] |= torch.tensor(extra)
     reps = masked_supcon(a, keys, pos, denom, 0.2)
     assert reps.item() == pytest.approx(_supcon_by_hand(anchors, classes, 0.2, bank, bank_cls, extra), rel=1e-5)
-    # `bank_valid` False drops a slot exactly like class -1 does
-    masked = supcon_loss(a, c, 0.2, bf, torch.tensor([0, 1, 1, 0]), torch.tensor([True, True, True, False]))
+    # an invalid slot (masked to class -1, as the trainer does) drops out exactly like an empty one
+    valid = torch.tensor([True, True, True, False])
+    masked = supcon_loss(a, c, 0.2, bf, torch.tensor([0, 1, 1, 0]).masked_fill(~valid, -1))
     assert masked.item() == pytest.approx(plain.item(), rel=1e-6)
     # a key left out of the denominator is neither positive nor negative: the loss changes
     denom2 = denom.clone()
@@ -263,12 +275,12 @@ def test_sample_anchors_class_balanced() -> None:
     assert f0.shape == (0, 5) and c0.numel() == 0
 
 
-def test_resize_nearest_samples_centres() -> None:
+def test_nearest_index_samples_centres() -> None:
     x = torch.arange(16).reshape(1, 4, 4)
-    assert resize_nearest(x, (2, 2)).tolist() == [[[5, 7], [13, 15]]]
-    c = torch.arange(32.0).reshape(1, 2, 4, 4)
-    assert resize_nearest(c, (2, 2)).shape == (1, 2, 2, 2)
-    assert resize_nearest(x, (4, 4)).equal(x)
+    iy, ix = nearest_index((4, 4), (2, 2))
+    assert x[..., iy[:, None], ix[None, :]].tolist() == [[[5, 7], [13, 15]]]
+    iy, ix = nearest_index((4, 4), (4, 4))
+    assert iy.tolist() == ix.tolist() == [0, 1, 2, 3]
 
 
 def test_memory_bank_fifo_and_bounded() -> None:
