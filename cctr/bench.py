@@ -45,7 +45,7 @@ def bench_step(repeats: int = 7, size: int | None = None) -> dict:
     from cctr import losses as L
     from cctr.config import apply_overrides, load_config
     from cctr.models import build_nets
-    from cctr.train import METHODS, Contrast, loss_terms
+    from cctr.train import METHODS, Contrast, amp_dtype, forward_nets, loss_terms
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "experiments" / "phantom_cardiac.yaml", "quick")
     if size is not None:
@@ -68,6 +68,7 @@ def bench_step(repeats: int = 7, size: int | None = None) -> dict:
     params = [p for n in nets for p in n.parameters()]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     cpu = torch.device("cpu")
+    amp = amp_dtype(t.amp, cpu)
 
     def median_time(step: Callable[[int], torch.Tensor]) -> float:
         times = []
@@ -82,14 +83,15 @@ def bench_step(repeats: int = 7, size: int | None = None) -> dict:
         return statistics.median(times)
 
     y = batch["label"]
-    res = {"floor_s": median_time(lambda i: sum(L.ce_loss(n(batch["image"], with_embed=False)["logits"], y)
-                                                 for n in nets))}
+    res = {"floor_s": median_time(lambda i: sum(L.ce_loss(o["logits"], y)
+                                                 for o in forward_nets(nets, batch["image"], False, amp))),
+           "amp": str(amp).replace("torch.", "") if amp else "fp32"}
     for name in ("ct", "cctr"):
         m = METHODS[name]
         mcfg = apply_overrides(cfg, [f"train.method={name}"])
         con = Contrast([L.MemoryBank(t.memory_size, cfg.model.proj_dim) for _ in nets], 10.0, 20.0) if m.con else None
         res[f"step_{name}_s"] = median_time(
-            lambda i: sum(loss_terms(mcfg, m, nets, batch, con, g, cpu)[0].values()))
+            lambda i: sum(loss_terms(mcfg, m, nets, batch, con, g, cpu, amp)[0].values()))
         if con is not None:
             res["bank_mb"] = sum(bk.nbytes for bk in con.banks) / 2**20
     res["step_overhead"] = res["step_cctr_s"] / res["step_ct_s"]

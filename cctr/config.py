@@ -58,7 +58,7 @@ class ModelConfig:
     encoder_weights: str | None = None
     proj_dim: int = 64
     # decoder widths (empty / 0: smp's defaults): net A's U-Net `decoder_channels`, net B's SegFormer
-    # `decoder_segmentation_channels`; the quick preset narrows them for CPU speed
+    # `decoder_segmentation_channels`; the presets keep smp's defaults (narrower ones cost Dice: README)
     decoder_a: tuple[int, ...] = ()
     decoder_b: int = 0
 
@@ -75,7 +75,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     poly_power: float = 0.9
     grad_clip: float = 10.0
-    amp: bool = False
+    amp: bool = False  # mixed precision for the nets: fp16 on CUDA, bf16 on CPUs with native bf16 (`amp_dtype`)
     seed: int = 0
     ramp_iters: int = 1000  # sigmoid ramp-up of w_ct and w_con; SSL4MIS spans the whole training
     w_ct: float = 0.1  # SSL4MIS cross-teaching weight

@@ -119,7 +119,6 @@ def resolve_checkpoint(target: str) -> Path:
 
 def evaluate(target: str, split: str = "test", convention: str = "strict") -> dict:
     from cctr.data.datasets import load_dataset, make_split
-    from cctr.runs import run_dir_for
 
     if convention not in CONVENTIONS:
         raise CctrError(f"unknown convention '{convention}'; known: {', '.join(CONVENTIONS)}")
@@ -132,7 +131,7 @@ def evaluate(target: str, split: str = "test", convention: str = "strict") -> di
     ids = getattr(sp, split)
     preds = predict_cases(nets, ds, ids, cfg.data.size, next(nets[0].parameters()).device)
     rows, summ = evaluate_predictions({c: p["ens"] for c, p in preds.items()}, ds, convention)
-    csv_path = run_dir_for(cfg) / f"eval_{split}_{convention}_{ckpt.stem}.csv"
+    csv_path = ckpt.parent / f"eval_{split}_{convention}_{ckpt.stem}.csv"  # beside the weights it evaluates
     write_rows(csv_path, rows)
     per_class = {}
     for name in ds.spec.class_names[1:]:

@@ -13,6 +13,7 @@ including background.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -78,10 +79,11 @@ def dice_ce(
     return 0.5 * (ce_loss(logits, target, ignore_mask) + dice_loss(logits, target, num_classes, ignore_mask))
 
 
-def cross_teaching(logits_a: torch.Tensor, logits_b: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Dice(p_A, argmax p_B) + Dice(p_B, argmax p_A); pseudo-labels are hard and detached."""
-    pseudo_a = logits_a.detach().argmax(1)
-    pseudo_b = logits_b.detach().argmax(1)
+def cross_teaching(logits_a: torch.Tensor, logits_b: torch.Tensor, num_classes: int,
+                   pseudo: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Dice(p_A, argmax p_B) + Dice(p_B, argmax p_A); pseudo-labels are hard and detached (`pseudo`:
+    the two argmaxes when the caller has them already)."""
+    pseudo_a, pseudo_b = pseudo if pseudo is not None else (logits_a.detach().argmax(1), logits_b.detach().argmax(1))
     return dice_loss(logits_a, pseudo_b, num_classes) + dice_loss(logits_b, pseudo_a, num_classes)
 
 
@@ -164,20 +166,32 @@ def masked_supcon(anchors: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, 
     positives and which keys take part at all; a key outside `denom` is neither positive nor negative.
     Anchors with no positive are skipped; 0 (graph kept) when none has one.
     """
-    n = anchors.shape[0]
-    if n == 0:
-        return _zero(anchors)
-    pos = pos & denom
-    has = pos.any(1)
-    if not bool(has.any()):
-        return _zero(anchors)
+    return masked_supcon_terms(anchors, keys, [pos], denom, tau)[0]
+
+
+def masked_supcon_terms(anchors: torch.Tensor, keys: torch.Tensor, positives: Sequence[torch.Tensor],
+                        denom: torch.Tensor, tau: float) -> list[torch.Tensor]:
+    """`masked_supcon` for each of several positive masks over one key set and one denominator (the
+    class and REPS terms of a step), computing the similarities and the log-softmax once."""
+    pos = [p & denom for p in positives]
+    has = [p.any(1) for p in pos]
+    rows = torch.stack(has).any(0) if has else torch.zeros(anchors.shape[0], dtype=torch.bool)
+    if anchors.shape[0] == 0 or not bool(rows.any()):
+        return [_zero(anchors) for _ in pos]
     # Only anchors with a positive: their denominators are non-empty, so no -inf/NaN reaches autograd.
-    pos, denom = pos[has], denom[has]
-    logits = (anchors.float()[has] @ keys.float().t()) / tau
-    logits = logits.masked_fill(~denom, float("-inf"))
+    logits = (anchors.float()[rows] @ keys.float().t()) / tau
+    logits = logits.masked_fill(~denom[rows], float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    pos_sum = torch.where(pos, log_prob, torch.zeros_like(log_prob)).sum(1)
-    return -(pos_sum / pos.sum(1)).mean()
+    out = []
+    for p, h in zip(pos, has):
+        if not bool(h.any()):
+            out.append(_zero(anchors))
+            continue
+        keep = h[rows]
+        pk = p[rows][keep]
+        pos_sum = torch.where(pk, log_prob[keep], torch.zeros_like(log_prob[keep])).sum(1)
+        out.append(-(pos_sum / pk.sum(1)).mean())
+    return out
 
 
 class MemoryBank(nn.Module):
@@ -253,11 +267,11 @@ def reps_partners(anchor_coords: torch.Tensor, anchor_case: torch.Tensor, key_co
     if n == 0 or m == 0:
         return torch.zeros(n, m, dtype=torch.bool, device=anchor_coords.device)
     a, k = anchor_coords.float(), key_coords.float().to(anchor_coords.device)
-    dz = (a[:, None, 0] - k[None, :, 0]).abs()
-    dxy = torch.sqrt((a[:, None, 1] - k[None, :, 1]) ** 2 + (a[:, None, 2] - k[None, :, 2]) ** 2)
-    d = (dz / cap_z_mm) ** 2 + (dxy / cap_xy_mm) ** 2
-    ok = (dz <= cap_z_mm) & (dxy <= cap_xy_mm) & (anchor_case[:, None] != key_case[None, :].to(anchor_case))
-    d = torch.where(ok, torch.nan_to_num(d, nan=float("inf")), torch.full_like(d, float("inf")))
+    dz2 = (a[:, None, 0] - k[None, :, 0]) ** 2 / cap_z_mm**2
+    dxy2 = ((a[:, None, 1] - k[None, :, 1]) ** 2 + (a[:, None, 2] - k[None, :, 2]) ** 2) / cap_xy_mm**2
+    # NaN compares False: a NaN coordinate is never within the caps
+    ok = (dz2 <= 1) & (dxy2 <= 1) & (anchor_case[:, None] != key_case[None, :].to(anchor_case))
+    d = torch.where(ok, dz2 + dxy2, torch.full_like(dz2, float("inf")))
     # nearest key per (anchor, case): a min per case via scatter, then keys equal to their case's min
     _, case_idx = torch.unique(key_case, return_inverse=True)
     idx = case_idx.to(d.device).unsqueeze(0).expand(n, m)

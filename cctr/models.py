@@ -1,10 +1,12 @@
 """The two 2D segmentation networks of CCT-R (segmentation-models-pytorch) and their projection heads.
 
-Each `SegNet` returns the segmentation logits *and* L2-normalised pixel embeddings taken from the
-decoder features (the tensor smp's segmentation head consumes), so the contrastive loss shapes the
-same representation the segmentation is read from. Embeddings stay at decoder resolution (full
-resolution for U-Net, 1/4 for SegFormer): sample labels there (`cctr.losses.nearest_index`) instead of
-upsampling D-dim maps, which would cost D/C times the memory of the logits.
+Each `SegNet` returns the segmentation logits *and* the decoder features (the tensor smp's
+segmentation head consumes), so the contrastive loss shapes the same representation the segmentation
+is read from. Anchors are sampled on the features at decoder resolution (full resolution for U-Net,
+1/4 for SegFormer; labels read there with `cctr.losses.nearest_index`) and only they go through the
+projection head (`SegNet.embed`): the head is pointwise, so this is the same map as projecting every
+pixel, except that its BatchNorm statistics come from the anchors. Projecting every pixel cost a
+quarter of a `cctr` step at 64 px and ~1 GB of activations at 224 px x 24 slices (measured).
 
 Input height and width must be multiples of the encoder's output stride (32 for the defaults).
 Weights are never downloaded unless `encoder_weights` is set explicitly.
@@ -34,7 +36,7 @@ def encoder_names() -> list[str]:
 
 
 class ProjectionHead(nn.Module):
-    """Two 1x1 convs (BN/ReLU between) to `dim` channels, L2-normalised per pixel."""
+    """Two 1x1 convs (BN/ReLU between) to `dim` channels, L2-normalised per pixel; fed [N,C,1,1] anchors."""
 
     def __init__(self, in_channels: int, dim: int) -> None:
         super().__init__()
@@ -51,7 +53,8 @@ class ProjectionHead(nn.Module):
 
 
 class SegNet(nn.Module):
-    """smp model + projection head; `forward(x [B,1,H,W])` -> {"logits" [B,C,H,W], "embed" [B,D,h,w]}."""
+    """smp model + projection head; `forward(x [B,1,H,W])` -> {"logits" [B,C,H,W], "feat" [B,F,h,w]};
+    `embed(feat gathered at anchors [N,F])` -> [N,D]."""
 
     def __init__(
         self, arch: str, encoder: str, num_classes: int, proj_dim: int, encoder_weights: str | None = None,
@@ -85,7 +88,8 @@ class SegNet(nn.Module):
             )
 
     def forward(self, x: torch.Tensor, with_embed: bool | None = None) -> dict[str, torch.Tensor]:
-        """`with_embed` defaults to the training mode: validation/prediction need only logits."""
+        """`with_embed` (decoder features for the contrast) defaults to the training mode: validation and
+        prediction need only logits."""
         self.check_input(x)
         if self.in_repeat > 1:
             x = x.expand(-1, self.in_repeat, -1, -1)
@@ -93,8 +97,14 @@ class SegNet(nn.Module):
         dec = self.model.decoder(*feats) if self._decoder_star else self.model.decoder(feats)
         out = {"logits": self.model.segmentation_head(dec)}
         if self.training if with_embed is None else with_embed:
-            out["embed"] = self.proj(dec)
+            out["feat"] = dec
         return out
+
+    def embed(self, feats: torch.Tensor) -> torch.Tensor:
+        """L2-normalised projections [N,D] of decoder features gathered at N anchors [N,F]."""
+        if self.training and feats.shape[0] < 2:  # BatchNorm's batch statistics need two anchors
+            return feats.new_zeros(feats.shape[0], self.proj_dim) + 0 * feats.sum()
+        return self.proj(feats[:, :, None, None]).flatten(1)
 
 
 def _check_names(arch: str, encoder: str) -> None:

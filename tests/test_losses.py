@@ -16,6 +16,7 @@ from cctr.losses import (
     dice_ce,
     dice_loss,
     masked_supcon,
+    masked_supcon_terms,
     nearest_index,
     ramp_weight,
     reps_partners,
@@ -177,6 +178,36 @@ def test_supcon_with_bank_and_reps_extra_positives() -> None:
     denom2 = denom.clone()
     denom2[0, 4] = False  # anchor 0 no longer sees bank slot 1 (another class)
     assert masked_supcon(a, keys, pos, denom2, 0.2).item() < reps.item()
+
+
+def test_supcon_terms_share_one_softmax_and_equal_separate_calls() -> None:
+    """The class and REPS terms of a step from one similarity matrix: the values and gradients of two
+    separate `masked_supcon` calls, including an anchor that has positives in one mask only and a
+    mask with no positive at all (0)."""
+    g = torch.Generator().manual_seed(3)
+    a0 = torch.nn.functional.normalize(torch.randn(5, 4, generator=g), dim=1)
+    keys_extra = torch.nn.functional.normalize(torch.randn(3, 4, generator=g), dim=1)
+    denom = torch.rand(5, 8, generator=g) > 0.2
+    cls_pos = (torch.rand(5, 8, generator=g) > 0.5) & denom
+    cls_pos[4] = False  # anchor 4: REPS positives only
+    reps_pos = torch.zeros(5, 8, dtype=torch.bool)
+    reps_pos[4, 6], reps_pos[1, 7] = True, True
+    denom[4, 6], denom[1, 7] = True, True
+    none = torch.zeros(5, 8, dtype=torch.bool)
+
+    def run(joint: bool):
+        a = a0.clone().requires_grad_(True)
+        keys = torch.cat([a, keys_extra])
+        if joint:
+            parts = masked_supcon_terms(a, keys, [cls_pos, reps_pos, none], denom, 0.3)
+        else:
+            parts = [masked_supcon(a, keys, m, denom, 0.3) for m in (cls_pos, reps_pos, none)]
+        (parts[0] + 2.0 * parts[1] + parts[2]).backward()
+        return [float(x) for x in parts], a.grad
+
+    (v_joint, g_joint), (v_sep, g_sep) = run(True), run(False)
+    assert v_joint == pytest.approx(v_sep, rel=1e-6) and v_joint[2] == 0.0 and v_joint[1] > 0
+    assert torch.allclose(g_joint, g_sep, atol=1e-6)
 
 
 def test_reps_positive_pulls_anchor_towards_bank_entry() -> None:

@@ -26,19 +26,23 @@ def test_default_nets_forward_shapes(nets: tuple[SegNet, SegNet], size: int) -> 
     with torch.no_grad():
         outs = [(net(x), net(x, with_embed=False)) for net in (a, b)]
     # U-Net decodes at full resolution, SegFormer at 1/4
-    for (out, logits_only), embed_hw in zip(outs, (size, size // 4)):
+    for net, (out, logits_only), feat_hw in zip((a, b), outs, (size, size // 4)):
         assert out["logits"].shape == (2, 4, size, size)
-        assert out["embed"].shape == (2, 64, embed_hw, embed_hw)
-        norms = out["embed"].norm(dim=1)
-        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+        assert out["feat"].shape[::2] == (2, feat_hw) and out["feat"].shape[-1] == feat_hw
         assert set(logits_only) == {"logits"}
+        feats = out["feat"].permute(0, 2, 3, 1).reshape(-1, out["feat"].shape[1])[:10]
+        with torch.no_grad():
+            emb = net.embed(feats)
+        assert emb.shape == (10, 64)
+        assert torch.allclose(emb.norm(dim=1), torch.ones(10), atol=1e-5)
 
 
 def test_backward_reaches_encoder_and_head(nets: tuple[SegNet, SegNet]) -> None:
     for net in nets:
         net.zero_grad()
         out = net(torch.randn(2, 1, 32, 32))
-        (out["logits"].mean() + out["embed"][:, 0].mean()).backward()
+        emb = net.embed(out["feat"][:, :, 0, :2].permute(0, 2, 1).reshape(4, -1))  # four pixels as anchors
+        (out["logits"].mean() + emb[:, 0].mean()).backward()
         first = next(net.model.encoder.parameters())
         assert first.grad is not None and first.grad.abs().sum() > 0
         assert net.proj.net[0].weight.grad.abs().sum() > 0
@@ -87,3 +91,23 @@ def test_encoder_refusing_one_channel_gets_repeated_input(monkeypatch: pytest.Mo
     assert net.model.encoder.conv1.in_channels == 3
     out = net(torch.randn(2, 1, 32, 32))
     assert out["logits"].shape == (2, 2, 32, 32)
+
+
+def test_amp_runs_only_the_nets_in_low_precision(nets: tuple[SegNet, SegNet]) -> None:
+    """Under `train.amp` the nets run in bf16 (CPU) and hand back fp32 outputs close to the fp32
+    forward, so every loss is computed in fp32; without amp (or without native bf16) nothing changes."""
+    from cctr.train import amp_dtype, forward_nets
+
+    cpu = torch.device("cpu")
+    assert amp_dtype(False, cpu) is None
+    assert amp_dtype(True, cpu) in (torch.bfloat16, None)  # None where bf16 would be emulated
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    for net in nets:
+        net.eval()
+    with torch.no_grad():
+        ref = forward_nets(nets, x, True, None)
+        low = forward_nets(nets, x, True, torch.bfloat16)
+    for r, lo in zip(ref, low):
+        assert set(lo) == {"logits", "feat"} and all(v.dtype == torch.float32 for v in lo.values())
+        err = (lo["logits"] - r["logits"]).abs().max() / r["logits"].abs().max()
+        assert 0 < err < 0.05  # really computed in bf16, and close

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -121,7 +123,8 @@ def test_contrastive_term_reps_slots_on_a_hand_built_batch(monkeypatch):
     cfg = tiny_cfg(method="cctr", batch_labeled=1, anchors_per_class=100, conf_threshold=0.5, memory_size=5)
     g = torch.Generator().manual_seed(0)
     emb = torch.nn.functional.normalize(torch.randn(2, 4, 2, 2, generator=g), dim=1)
-    outs = [{"embed": emb}, {"embed": emb.clone()}]
+    outs = [{"feat": emb}, {"feat": emb.clone()}]
+    nets = [SimpleNamespace(embed=lambda f: f)] * 2  # identity heads: anchors are the pixels' features
     logits = [torch.randn(2, 2, 2, 2, generator=g) for _ in range(2)]
     y = torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 0]]])
     # pixel (i, j) of slice b sits at (z, y, x) = (b, 10 i, 10 j) mm; slice 0 is case 0 (labeled), slice 1 case 1
@@ -138,10 +141,11 @@ def test_contrastive_term_reps_slots_on_a_hand_built_batch(monkeypatch):
               torch.tensor([0, 1, 0, 1]), torch.tensor([[0.0, 0, 0], [0, 0, 2], [0, 10, 10], [0, 10, 0]]))
     con = Contrast([bank, L.MemoryBank(5, 4)], cap_xy=5.0, cap_z=5.0)
     calls = []
-    real = L.masked_supcon
-    monkeypatch.setattr(L, "masked_supcon", lambda a, k, p, d, tau: calls.append((a, p)) or real(a, k, p, d, tau))
-    contrastive_term(cfg, METHODS["cctr"], outs, logits, y, batch, con, g, torch.device("cpu"), {})
-    anchors, reps = calls[1]  # net A: the class call, then the REPS call
+    real = L.masked_supcon_terms
+    monkeypatch.setattr(L, "masked_supcon_terms", lambda a, k, ps, d, tau: calls.append((a, ps)) or real(a, k, ps, d, tau))
+    pseudo = tuple(lg[1:].argmax(1) for lg in logits)
+    contrastive_term(cfg, METHODS["cctr"], nets, outs, pseudo, y, batch, con, g, torch.device("cpu"), {})
+    anchors, (_, reps) = calls[0]  # net A: the class positives, then REPS's
     pix = emb.permute(0, 2, 3, 1).reshape(8, 4)
     where = [int(torch.nonzero((pix == a).all(1))[0]) for a in anchors]  # anchor -> b*4 + i*2 + j
     n = len(where)
@@ -227,3 +231,18 @@ def test_cli_needs_registration_names_command(fresh_store, monkeypatch):
     p = cli("train", "--config", str(cfg), "--set", "train.w_con=-0.5", timeout=300)
     assert p.returncode == 2 and "w_con must be >= 0" in p.stderr
     assert not [r for r in tracking.find_runs("phantom-cardiac") if r.info.status == "RUNNING"]
+
+
+def test_cli_runs_of_one_config_keep_their_own_checkpoints(registration_ready, session_dirs, tmp_path):
+    """Two `cctr train` runs of the same configuration (here at once) write separate folders: neither
+    evaluates nor keeps the other's best.pt."""
+    from tests.helpers import popen_cli
+
+    cfg = write_yaml(tmp_path / "cfg.yaml", TINY)
+    procs = [popen_cli("train", "--config", str(cfg), "--method", "sup", "--json") for _ in range(2)]
+    outs = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
+    dirs = {o["run_dir"] for o in outs}
+    assert len(dirs) == 2 and len({o["run_id"] for o in outs}) == 2
+    for o in outs:
+        assert (Path(o["run_dir"]) / "best.pt").is_file()
+        assert tracking.require_run(o["run_id"]).data.tags["checkpoint_dir"] == str(Path(o["run_dir"]).resolve())

@@ -23,7 +23,7 @@ def train_cmd(
 ) -> None:
     """Train one configuration; logs everything to MLflow and keeps best/last checkpoints."""
     from cctr.config import load_config
-    from cctr.runs import run_dir_for
+    from cctr.runs import new_run_dir
     from cctr.train import train
 
     sets = list(overrides)
@@ -34,7 +34,7 @@ def train_cmd(
     if seed is not None:
         sets.append(f"train.seed={seed}")
     cfg = load_config(config, preset, sets)
-    res = train(cfg, resume.parent if resume else run_dir_for(cfg), resume=resume, progress=not as_json)
+    res = train(cfg, resume.parent if resume else new_run_dir(cfg), resume=resume, progress=not as_json)
     summary = {"run_id": res.run_id, "run_dir": str(res.run_dir), **res.metrics}
     if as_json:
         emit_json(summary)
