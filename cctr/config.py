@@ -42,7 +42,8 @@ class RegistrationConfig:
     lambda_smooth: float = 0.2  # 0.5 under-fits the phantom hearts, 0.05 folds (see README figures)
     dice_weight: float = 0.0  # optional supervised Dice term on labeled pairs (off: unsupervised)
     affine: str = "none"  # "moments" | "none": pre-alignment before the deformable net
-    iters: int = 500
+    # 500 under-trained: 1500 raised y_reg Dice on validation cases for every atlas of both phantoms (README)
+    iters: int = 1500
     lr: float = 3e-3
     grad_clip: float = 1.0  # max gradient norm (0: off); keeps Adam from blowing the field up
     batch_size: int = 2

@@ -34,14 +34,33 @@ def artifact_root() -> str:
 
 
 def client():
-    """One client per store location (tests move the store with CCTR_MLRUNS)."""
+    """One client per store location (tests move the store with CCTR_MLRUNS).
+
+    The first touch of a store creates or migrates its sqlite schema; processes started together on a
+    fresh store (two `cctr train` at once) raced there ("duplicate column name"), so it happens under
+    a file lock, one process at a time.
+    """
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri()
     if uri not in _clients:
-        mlruns_root().mkdir(parents=True, exist_ok=True)
-        _clients[uri] = MlflowClient(tracking_uri=uri)
+        root = mlruns_root()
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / ".store.lock", "a") as lock:
+            _lock(lock)
+            c = MlflowClient(tracking_uri=uri)
+            c.search_experiments(max_results=1)  # builds the store now, under the lock
+        _clients[uri] = c
     return _clients[uri]
+
+
+def _lock(f) -> None:
+    """Exclusive lock on an open file until it is closed (no-op where fcntl does not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
 
 
 # MLflow 3's UI opens an experiment in the view its kind names; untagged ones may open in the GenAI

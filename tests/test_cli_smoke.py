@@ -26,6 +26,11 @@ def test_register_train_apply_report(tmp_path):
     p = cli("register", "report", *base, "--labeled", "1", timeout=300)
     assert p.returncode == 0, p.stderr
     assert "mean Dice" in p.stdout and "TV-L1" in p.stdout and ckpt in p.stderr.replace("\n", "")
+    # another labeled case (Table 1's seeds) with the same registration net and split
+    reps = [json.loads(cli("register", "report", *base, "--labeled", "1", *ls, "--json", timeout=300).stdout)
+            for ls in ([], ["--labeled-seed", "1"])]
+    assert reps[1]["labeled_seed"] == 1 and reps[0]["atlases"] != reps[1]["atlases"]
+    assert reps[0]["pairs"] == reps[1]["pairs"] and reps[0]["dice_identity"] != reps[1]["dice_identity"]
 
 
 def test_table1_tiny(tmp_path):

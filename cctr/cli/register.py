@@ -20,6 +20,8 @@ _SET = typer.Option(None, "--set", help="Override, e.g. registration.iters=500 (
 _CONFIG = typer.Option(None, "--config", help="Run YAML (default experiments/<dataset>.yaml), the same file "
                        "`cctr train` reads, so both find the same registration model.")
 _SEED = typer.Option(0, "--seed", help="Split seed.")
+_LSEED = typer.Option(None, "--labeled-seed", help="Which training cases are labeled (Table 1's seeds; "
+                      "default: the split seed). The registration net does not depend on it.")
 _CKPT = typer.Option(None, "--checkpoint", help="Use this registration checkpoint instead of the trained one.")
 
 
@@ -29,10 +31,10 @@ def _cfg(dataset: str, config: Optional[Path], preset: str, sets: Optional[list[
     return load_config(config or default_config_path(dataset), preset, sets or []).registration
 
 
-def _split(dataset: str, labeled: int, seed: int):
+def _split(dataset: str, labeled: int, seed: int, labeled_seed: Optional[int] = None):
     from cctr.data.datasets import load_dataset, make_split
 
-    return make_split(load_dataset(dataset), labeled, seed)
+    return make_split(load_dataset(dataset), labeled, seed, labeled_seed)
 
 
 @app.command("train")
@@ -63,6 +65,7 @@ def apply(
     dataset: str = typer.Option(..., "--dataset"),
     labeled: int = typer.Option(..., "--labeled", help="Number of labeled cases (atlases)."),
     seed: int = _SEED,
+    labeled_seed: Optional[int] = _LSEED,
     preset: str = _PRESET,
     sets: Optional[list[str]] = _SET,
     config: Optional[Path] = _CONFIG,
@@ -75,7 +78,8 @@ def apply(
     from cctr.registration.apply import registration_maps
 
     cfg = _cfg(dataset, config, preset, sets)
-    maps = registration_maps(dataset, cfg, _split(dataset, labeled, seed), checkpoint, progress=not as_json)
+    maps = registration_maps(dataset, cfg, _split(dataset, labeled, seed, labeled_seed), checkpoint,
+                             progress=not as_json)
     conf = float(np.mean([maps.c_reg(c).mean() for c in maps]))
     res = {"dataset": dataset, "cases": len(maps), "reference": maps.reference, "cache": str(maps.root),
            "reused": maps.reused, "mean_c_reg": conf}
@@ -92,6 +96,7 @@ def report(
     dataset: str = typer.Option(..., "--dataset"),
     labeled: int = typer.Option(..., "--labeled"),
     seed: int = _SEED,
+    labeled_seed: Optional[int] = _LSEED,
     preset: str = _PRESET,
     sets: Optional[list[str]] = _SET,
     config: Optional[Path] = _CONFIG,
@@ -102,7 +107,8 @@ def report(
     from cctr.registration.report import registration_report
 
     cfg = _cfg(dataset, config, preset, sets)
-    res = registration_report(dataset, cfg, labeled, seed, checkpoint, progress=not as_json)
+    res = registration_report(dataset, cfg, labeled, seed, checkpoint, progress=not as_json,
+                              labeled_seed=labeled_seed)
     if as_json:
         emit_json(res)
         return

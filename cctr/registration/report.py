@@ -56,11 +56,11 @@ def _mean_dice(per_case: list[np.ndarray]) -> tuple[float, list[float]]:
 
 def registration_report(dataset: str, cfg: RegistrationConfig, n_labeled: int, seed: int = 0,
                         checkpoint: Path | None = None, progress: bool = True, log: bool = True,
-                        threshold: float | None = None) -> dict:
+                        threshold: float | None = None, labeled_seed: int | None = None) -> dict:
     """The headline figures on the validation cases (+ per-class Dice and the confidence calibration
     at `threshold`, default `train.conf_threshold`); logs an MLflow run with them and the figure."""
     ds = load_dataset(dataset)
-    split = make_split(ds, n_labeled, seed)
+    split = make_split(ds, n_labeled, seed, labeled_seed)
     val = [c for c in split.val if ds.case(c).label is not None]
     if not val:
         raise CctrError(f"dataset '{dataset}' has no labeled validation cases to measure registration on")
@@ -103,7 +103,8 @@ def registration_report(dataset: str, cfg: RegistrationConfig, n_labeled: int, s
             if bar:
                 bar.advance(task)
     n_pairs = len(val) * len(split.labeled)
-    res: dict = {"dataset": dataset, "labeled": n_labeled, "seed": seed, "targets": "val", "pairs": n_pairs}
+    res: dict = {"dataset": dataset, "labeled": n_labeled, "seed": seed, "labeled_seed": labeled_seed,
+                 "atlases": list(split.labeled), "targets": "val", "pairs": n_pairs}
     for k, v in dice.items():
         res[f"dice_{k}"], per_class = _mean_dice(v)
         res[f"dice_{k}_per_class"] = dict(zip(ds.spec.class_names[1:], per_class))
