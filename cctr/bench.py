@@ -43,11 +43,11 @@ def bench_step(repeats: int = 7, size: int | None = None) -> dict:
     import torch
 
     from cctr import losses as L
-    from cctr.config import apply_overrides, load_config
+    from cctr.config import EXPERIMENTS, apply_overrides, load_config
     from cctr.models import build_nets
     from cctr.train import METHODS, Contrast, amp_dtype, forward_nets, loss_terms
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "experiments" / "phantom_cardiac.yaml", "quick")
+    cfg = load_config(EXPERIMENTS / "phantom_cardiac.yaml", "quick")
     if size is not None:
         cfg = apply_overrides(cfg, [f"data.size={size}"])
     t = cfg.train

@@ -51,11 +51,7 @@ def predict_cases(nets, ds, ids: list[str], size: int, device, keys: tuple[str, 
     asked-for labels are kept, so a CT-sized split fits in memory."""
     from cctr.inference import predict_case_labels
 
-    out = {}
-    for cid in ids:
-        labels = predict_case_labels(nets, ds.case(cid).image, size, device=device)
-        out[cid] = {k: labels[k] for k in keys}
-    return out
+    return {cid: predict_case_labels(nets, ds.case(cid).image, size, device=device, keys=keys) for cid in ids}
 
 
 def evaluate_predictions(preds: dict[str, np.ndarray], ds, convention: str = "strict") -> tuple[list[dict], dict]:

@@ -139,21 +139,23 @@ def predict_volume(
 
 def predict_case_labels(
     nets: Sequence[torch.nn.Module], image: np.ndarray, size: int, device: torch.device | str | None = None,
-    batch_size: int = 16,
+    batch_size: int = 16, keys: Sequence[str] = ("a", "b", "ens"),
 ) -> dict[str, np.ndarray]:
     """uint8 [Z,H,W] labels of net A alone ("a"), net B alone ("b") and their ensemble ("ens": mean of
     both softmaxes), at native resolution, from one pass of each net over slabs of `batch_size` slices.
 
     The same labels as argmaxing each net's `predict_volume(..., return_probs=True)`, without ever
-    holding C x Z x H x W probabilities.
+    holding C x Z x H x W probabilities. Only the labels named in `keys` are computed.
     """
     if len(nets) != 2:
         raise CctrError(f"predict_case_labels: expected the two nets (A, B), got {len(nets)}")
     z, h, w = np.shape(image)[:3] if np.ndim(image) == 3 else (0, 0, 0)
-    out = {k: np.empty((z, h, w), dtype=np.uint8) for k in ("a", "b", "ens")}
+    if not set(keys) <= {"a", "b", "ens"}:
+        raise CctrError(f"predict_case_labels: keys must be among a, b, ens, got {list(keys)}")
+    out = {k: np.empty((z, h, w), dtype=np.uint8) for k in keys}
     for s, (pa, pb) in _slabs(nets, image, size, batch_size, device):
         e = s + pa.shape[0]
-        out["a"][s:e] = class_argmax(pa).cpu().numpy()
-        out["b"][s:e] = class_argmax(pb).cpu().numpy()
-        out["ens"][s:e] = class_argmax((pa + pb) / 2).cpu().numpy()
+        for k, prob in out.items():
+            prob_k = pa if k == "a" else pb if k == "b" else (pa + pb) / 2
+            prob[s:e] = class_argmax(prob_k).cpu().numpy()
     return out

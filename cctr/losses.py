@@ -175,7 +175,7 @@ def masked_supcon_terms(anchors: torch.Tensor, keys: torch.Tensor, positives: Se
     class and REPS terms of a step), computing the similarities and the log-softmax once."""
     pos = [p & denom for p in positives]
     has = [p.any(1) for p in pos]
-    rows = torch.stack(has).any(0) if has else torch.zeros(anchors.shape[0], dtype=torch.bool)
+    rows = torch.stack(has).any(0)
     if anchors.shape[0] == 0 or not bool(rows.any()):
         return [_zero(anchors) for _ in pos]
     # Only anchors with a positive: their denominators are non-empty, so no -inf/NaN reaches autograd.

@@ -6,7 +6,7 @@ is read from. Anchors are sampled on the features at decoder resolution (full re
 1/4 for SegFormer; labels read there with `cctr.losses.nearest_index`) and only they go through the
 projection head (`SegNet.embed`): the head is pointwise, so this is the same map as projecting every
 pixel, except that its BatchNorm statistics come from the anchors. Projecting every pixel cost a
-quarter of a `cctr` step at 64 px and ~1 GB of activations at 224 px x 24 slices (measured).
+quarter of a `cctr` step at 64 px and ~2.6 GB of activations at 224 px x 24 slices (measured).
 
 Input height and width must be multiples of the encoder's output stride (32 for the defaults).
 Weights are never downloaded unless `encoder_weights` is set explicitly.

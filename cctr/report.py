@@ -23,7 +23,7 @@ def _save(fig, path: Path) -> Path:
 def overlay_figure(ds, preds: dict[str, dict[str, np.ndarray]], path: Path) -> Path:
     """One row per case (its middle labelled slice): image, ground truth, net A, net B; below, a
     legend naming each class's colour."""
-    from cctr.viz import label_overlay, legend_handles
+    from cctr.viz import add_class_legend, label_overlay
 
     C = ds.spec.num_classes
     ids = list(preds)
@@ -42,9 +42,7 @@ def overlay_figure(ds, preds: dict[str, dict[str, np.ndarray]], path: Path) -> P
             ax.set_title(f"{cid} {title}" if c == 0 else title, fontsize=8)
             ax.axis("off")
     fig.tight_layout()  # the legend goes just below the last row, not below a default margin
-    handles = legend_handles(ds.spec.class_names)
-    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 8),
-               fontsize=8, frameon=False)
+    add_class_legend(fig, ds.spec.class_names)
     return _save(fig, path)
 
 

@@ -421,18 +421,22 @@ def _short_keys(keys) -> dict[str, str]:
     return {k: s if last.count(s) == 1 else k for k, s in zip(keys, last)}
 
 
+def format_params(values: dict[str, Any], sep: str = ", ", prec: str = ".3g", short: bool = True) -> str:
+    """`w_ct=0.42, w_con=0.05`: sampled values as people read them (short keys where unambiguous)."""
+    names = _short_keys(values) if short else {k: k for k in values}
+    return sep.join(f"{names[k]}={v:{prec}}" if isinstance(v, float) else f"{names[k]}={v}" for k, v in values.items())
+
+
 def trial_run_name(cfg: RunConfig, number: int, values: dict[str, Any]) -> str:
     """`cctr-l1-t3 w_ct=0.42 w_con=0.05`: method, labeled count, trial number and the sampled values,
     so the trials of a study differ in the runs table and in chart legends."""
-    short = _short_keys(values)
-    vals = " ".join(f"{short[k]}={v:.3g}" if isinstance(v, float) else f"{short[k]}={v}" for k, v in values.items())
-    return f"{cfg.train.method}-l{cfg.data.labeled}-t{number} {vals}".strip()
+    return f"{cfg.train.method}-l{cfg.data.labeled}-t{number} {format_params(values, ' ')}".strip()
 
 
 def best_tags(best: dict, study_name: str) -> dict[str, str]:
     """`best.*` tags (tags, not params: a resumed study may find a better trial) and the run's
     description naming the winner, shown at the top of the parent run's page."""
-    params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+    params = format_params(best["params"], prec=".4g", short=False)
     note = (f"Study {study_name}: best trial #{best['trial']}, run {best['run_name']} "
             f"({best['run_id']}), validation Dice {best['val_dice']:.4f}; {params}.")
     return {"best.trial": best["trial"], "best.run_id": best["run_id"], "best.run_name": best["run_name"],

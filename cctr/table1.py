@@ -130,22 +130,11 @@ def prepare_shared(cfgs: list[RunConfig], log: Callable[[str], None] = print, re
             needs_maps.setdefault(key, (cfg, split))
     if not needs_maps:
         return
-    from cctr.registration import (
-        ensure_registration,
-        find_checkpoint,
-        registration_maps,
-    )
+    from cctr.registration import ensure_registration, registration_maps
 
-    models_checked: set[str] = set()
-    for cfg, split in needs_maps.values():
-        h = config_hash(to_dict(cfg.registration))
-        if h not in models_checked:
-            if register:
-                ensure_registration(cfg.data.dataset, cfg.registration, split, progress=progress)
-            else:
-                find_checkpoint(cfg.data.dataset, cfg.registration, split)
-            models_checked.add(h)
     for i, (cfg, split) in enumerate(needs_maps.values()):
+        if register:  # returns at once when this split's model is finished; else maps name the command
+            ensure_registration(cfg.data.dataset, cfg.registration, split, progress=progress)
         log(f"registration maps {i + 1}/{len(needs_maps)}: labeled {', '.join(split.labeled)}")
         registration_maps(cfg.data.dataset, cfg.registration, split, progress=progress)
 
@@ -227,24 +216,18 @@ def _resume_point(cfg: RunConfig, run_dir: Path, table: str) -> Path | None:
     return last
 
 
-def _train_cell(task: dict, progress: bool, on_start: Callable[[str], None] | None = None,
-                note: Callable[[str], None] | None = None) -> str:
+def _train_cell(task: dict, progress: bool, note: Callable[[str], None] | None = None) -> str:
     """Train one cell (in a worker or in-process); returns its MLflow run id."""
-    from cctr import tracking
     from cctr.runs import run_dir_for
     from cctr.train import train
 
     cfg = from_dict(RunConfig, task["config"])
     run_dir = run_dir_for(cfg)
     resume = _resume_point(cfg, run_dir, task["tags"]["table1"])
-    kw: dict[str, Any] = {"resume": resume} if resume is not None else {}
     if resume is not None and note is not None:
         note(f"resuming the interrupted run from {resume}")
-    res = train(cfg, run_dir, progress=progress, parent_run_id=task["parent_run_id"], tags=task["tags"],
-                on_start=on_start, **kw)
-    if resume is not None:  # a resumed run keeps its tags; make sure it is found as this table's cell
-        tracking.Run(res.run_id).set_tags({**task["tags"], "mlflow.parentRunId": task["parent_run_id"]})
-    return res.run_id
+    return train(cfg, run_dir, resume=resume, progress=progress, parent_run_id=task["parent_run_id"],
+                 tags=task["tags"]).run_id
 
 
 def _worker(wid: int, tasks, results, threads: int, parent_pid: int) -> None:
@@ -259,8 +242,7 @@ def _worker(wid: int, tasks, results, threads: int, parent_pid: int) -> None:
             idx = task["index"]
             results.put(("start", idx, wid, os.getpid()))
             try:
-                run_id = _train_cell(task, False, on_start=lambda rid: results.put(("run", idx, rid, None)),
-                                     note=lambda msg: results.put(("note", idx, msg, None)))
+                run_id = _train_cell(task, False, note=lambda msg: results.put(("note", idx, msg, None)))
             except KeyboardInterrupt:
                 results.put(("killed", idx, None, "interrupted"))
                 return
@@ -310,8 +292,6 @@ def _run_parallel(tasks_list: list[dict], jobs: int, threads: int, log: Callable
                 log(f"{names[idx]}: training (worker {a}, pid {b})")
             elif kind == "note":
                 log(f"{names[idx]}: {a}")
-            elif kind == "run":
-                pass
             else:
                 for w, i in list(current.items()):
                     if i == idx:

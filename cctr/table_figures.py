@@ -28,15 +28,6 @@ def _save(fig, path: Path) -> Path:
     return Path(path)
 
 
-def _load_nets(path: Path):
-    """The evaluation module's loader (after issue 11), else the trainer's."""
-    try:
-        from cctr.evaluate import load_nets  # type: ignore[attr-defined]
-    except ImportError:
-        from cctr.train import load_nets
-    return load_nets(path)
-
-
 def best_checkpoint(rec: dict) -> Path | None:
     """best.pt of a record's run: in its run folder, else the MLflow artifact (checkpoints/best.pt)."""
     if rec.get("run_dir") and (Path(rec["run_dir"]) / "best.pt").is_file():
@@ -67,6 +58,7 @@ def method_predictions(spec, records: list[dict], dataset: str, slices: list[tup
     """method -> {case: label slice [H,W]} at (labeled, seed) from its best.pt (`reg-only`: the
     registration labels); None where the run or its checkpoint is missing."""
     from cctr.data.datasets import load_dataset
+    from cctr.evaluate import load_nets
     from cctr.inference import predict_volume
     from cctr.table1 import cell_config, cell_split
 
@@ -84,7 +76,7 @@ def method_predictions(spec, records: list[dict], dataset: str, slices: list[tup
             cfg = cell_config(spec, m, labeled, seed)
             try:
                 reg = registration_maps(dataset, cfg.registration, cell_split(cfg))
-                out[m] = {cid: np.asarray(reg.y_reg(cid))[z] for cid, z in slices}
+                out[m] = {cid: np.asarray(reg[cid].y_reg[z]) for cid, z in slices}  # one slice decompressed
             except Exception:  # noqa: BLE001 — registration model gone: show the panel as missing
                 out[m] = None
             continue
@@ -92,7 +84,7 @@ def method_predictions(spec, records: list[dict], dataset: str, slices: list[tup
         if ck is None:
             out[m] = None
             continue
-        cfg, nets, _ = _load_nets(ck)
+        cfg, nets, _ = load_nets(ck)
         out[m] = {cid: predict_volume(nets, np.asarray(ds.case(cid).image)[z:z + 1], cfg.data.size)[0]
                   for cid, z in slices}
     return out
@@ -104,7 +96,7 @@ def qualitative_figure(spec, records: list[dict], dataset: str, path: Path, n_ca
     (best-val checkpoint) at the first labeled count and the first seed."""
     from cctr.data.datasets import load_dataset
     from cctr.table1 import cell_config, cell_split
-    from cctr.viz import label_overlay, legend_handles
+    from cctr.viz import add_class_legend, label_overlay
 
     labeled = spec.labeled[0] if labeled is None else labeled
     seed = spec.seeds[0] if seed is None else seed
@@ -136,9 +128,7 @@ def qualitative_figure(spec, records: list[dict], dataset: str, path: Path, n_ca
             if r == 0:
                 ax.set_title(title, fontsize=8)
     fig.suptitle(f"{dataset}: test slices, {labeled} labeled, seed {seed} (best-val checkpoints)", fontsize=9)
-    handles = legend_handles(ds.spec.class_names)
-    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 8),
-               fontsize=8, frameon=False)
+    add_class_legend(fig, ds.spec.class_names)
     return _save(fig, path)
 
 

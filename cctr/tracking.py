@@ -208,12 +208,14 @@ def start_run(
 ) -> Iterator[Run]:
     """A run that ends FINISHED, FAILED (with `failure_reason`) or KILLED (Ctrl-C), whatever happens.
 
-    `run_id` resumes an existing run (e.g. training resumed from a checkpoint).
+    `run_id` resumes an existing run (e.g. training resumed from a checkpoint); it gets `tags` and
+    `parent_run_id` as a new run would, so whoever resumes it finds it where it started it.
     """
     c = client()
     if run_id is not None:
         c.update_run(run_id, status="RUNNING")
         run = Run(run_id)
+        run.set_tags({**(tags or {}), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})})
     else:
         run = create_run(experiment, run_name, tags, params, parent_run_id)
     try:

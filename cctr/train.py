@@ -170,9 +170,6 @@ class Contrast:
     cap_z: float = math.inf
 
 
-MONITOR = ("reps_pos", "reps_anchors", "anchors", "reps_hits", "reps_pairs", "pl_hits", "pl_pairs", "rsl_yield")
-
-
 def reps_caps(cfg: RunConfig, data: RunData) -> tuple[float, float]:
     """(in-plane, through-plane) REPS caps: `reps_cap` registration-grid cells of the reference labeled
     case, whose millimetres the anatomical coordinates are in."""
@@ -283,14 +280,12 @@ def contrastive_term(cfg: RunConfig, method: Method, nets, outs, pseudo, y, batc
         emb = o["feat"]
         iy, ix = L.nearest_index(tuple(y.shape[-2:]), emb.shape[-2:], device)
 
-        def at(x: torch.Tensor) -> torch.Tensor:
-            return x[..., iy[:, None], ix[None, :]]
-
-        lab = at(torch.cat([y[:b_l], pseudo[1 - k]], 0))
+        lab = torch.cat([y[:b_l], pseudo[1 - k]], 0)[:, iy[:, None], ix[None, :]]
         f, c, (bi, yy, xx) = L.sample_anchors(emb, lab, t.anchors_per_class, gen)
         f = nets[k].embed(f)  # only the anchors are projected
-        co = at(coords)[bi, :, yy, xx] if coords is not None else f.new_full((f.shape[0], 3), float("nan"))
-        anchors.append((f, c, case[bi], is_gt[bi], at(mon)[bi, yy, xx], co))
+        py, px = iy[yy], ix[xx]  # the anchors' pixels at input resolution: every attribute is read there
+        co = coords[bi, :, py, px] if coords is not None else f.new_full((f.shape[0], 3), float("nan"))
+        anchors.append((f, c, case[bi], is_gt[bi], mon[bi, py, px], co))
     if t.contrast == "joint":  # both nets' embeddings in one space, one bank
         anchors = [tuple(torch.cat(parts) for parts in zip(*anchors))]
     total = y.new_zeros((), dtype=torch.float32)

@@ -39,6 +39,14 @@ def legend_handles(class_names: Sequence[str]) -> list[Patch]:
     return [Patch(color=cc[i], label=class_names[i]) for i in range(1, len(class_names))]
 
 
+def add_class_legend(fig, class_names: Sequence[str], **kw) -> None:
+    """The class key just below a figure's panels (`kw` overrides the placement)."""
+    handles = legend_handles(class_names)
+    opts = {"loc": "upper center", "bbox_to_anchor": (0.5, 0.0), "ncol": min(len(handles), 8), "fontsize": 8,
+            "frameon": False}
+    fig.legend(handles=handles, **{**opts, **kw})
+
+
 def _to_unit(image2d: np.ndarray) -> np.ndarray:
     """Display range: images already in [0,1] stay as they are, others get a robust percentile window."""
     img = np.asarray(image2d, dtype=np.float64)
@@ -131,8 +139,7 @@ def case_montage(cases: Sequence[Case], num_classes: int, path: Path, title: str
     if title:
         fig.suptitle(title, fontsize=10)
     if class_names:
-        handles = legend_handles(class_names)
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 8), fontsize=7, frameon=False)
+        add_class_legend(fig, class_names, loc="lower center", bbox_to_anchor=None, fontsize=7)
     fig.tight_layout(rect=(0, 0.5 / fig.get_figheight() if class_names else 0, 1, 1))
     with atomic_file(Path(path)) as tmp:
         fig.savefig(tmp, dpi=100, format="png")

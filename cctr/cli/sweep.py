@@ -59,6 +59,8 @@ def sweep_cmd(
 
 
 def print_sweep_table(dataset: str, results) -> None:
+    from cctr.sweep import format_params
+
     t = Table(title=f"sweep: {dataset} (best trial per labeled count)")
     for col in ("labeled", "complete/pruned/failed", "best trial", "val Dice", "test Dice", "test HD95 mm"):
         t.add_column(col, justify="right")
@@ -68,8 +70,7 @@ def print_sweep_table(dataset: str, results) -> None:
                   _f(b.get("val_dice")), _f(b.get("test_dice")), _f(b.get("test_hd95_mm"), 2))
     out.print(t)
     for r in results:
-        params = ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
-                           for k, v in (r.best or {}).get("params", {}).items())
+        params = format_params((r.best or {}).get("params", {}))
         out.print(f"  {r.study_name}: {params or '-'}")
 
 
@@ -106,8 +107,6 @@ def table1_cmd(
     from cctr.errors import CctrError
     from cctr.table1 import disk_usage, load_table_spec, run_table, write_table
 
-    if jobs is not None and jobs < 1:
-        raise CctrError(f"--jobs must be >= 1, got {jobs}")
     ds_spec = get_spec(dataset)
     path = spec or EXPERIMENTS / f"table1_{dataset.replace('-', '_')}.yaml"
     ts = load_table_spec(path, preset, seeds)

@@ -85,6 +85,9 @@ class GridField:
         self.offset = tuple(float(o) for o in offset)
         self.shape: tuple[int, int, int] = tuple(int(n) for n in shape)  # type: ignore[assignment]
         self._t = torch.from_numpy(v)[None]
+        # [n, g] per axis for whole-slice reads (`slab`): built once, a slab only slices the z matrix
+        self._mats = [interp_matrix(n, g, self.scale[ax], self.offset[ax])
+                      for ax, (n, g) in enumerate(zip(self.shape, v.shape[1:]))]
 
     @property
     def channels(self) -> int:
@@ -106,9 +109,7 @@ class GridField:
     def slab(self, z0: int, z1: int) -> np.ndarray:
         """Values [C,z1-z0,H,W] at every voxel of native slices z0..z1-1 (monitoring; training reads
         `sample`). The lattice is axis-aligned, so this is three small matrix products."""
-        _, zg, hg, wg = self.values.shape
-        mats = [interp_matrix(n, g, self.scale[ax], self.offset[ax])
-                for ax, (n, g) in enumerate(zip(self.shape, (zg, hg, wg)))]
+        mats = self._mats
         v = torch.einsum("zk,ckhw->czhw", mats[0][z0:z1], self._t[0])
         return (mats[1] @ v @ mats[2].T).numpy()
 

@@ -79,9 +79,6 @@ class SliceStack:
         offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
         return np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
     def __getitem__(self, z: int) -> np.ndarray:
         raw = zlib.decompress(self.data[self.offsets[z]:self.offsets[z + 1]])
         return np.frombuffer(raw, dtype=np.uint8).reshape(self.shape[1:])
