@@ -46,7 +46,7 @@ def _check_labels(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> tuple[n
     return pred, gt
 
 
-def _class_counts(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
+def class_counts(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
     """Per class: [voxels in pred, voxels in gt, voxels in both], in one chunked pass."""
     out = np.zeros((3, num_classes), dtype=np.int64)
     p, g = pred.reshape(-1), gt.reshape(-1)
@@ -66,7 +66,7 @@ def dice_per_class(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.nda
     Counting only (no surfaces), so it is cheap enough for pseudo-label-quality curves.
     """
     pred, gt = _check_labels(pred, gt, num_classes)
-    n_p, n_g, inter = _class_counts(pred, gt, num_classes)[:, 1:]
+    n_p, n_g, inter = class_counts(pred, gt, num_classes)[:, 1:]
     denom = n_p + n_g
     return np.where(denom > 0, 2.0 * inter / np.maximum(denom, 1), np.nan)
 
@@ -135,7 +135,7 @@ def case_metrics(
     else:
         sp = (1.0,) * pred.ndim
     diag = float(np.sqrt(np.sum((np.asarray(pred.shape) * np.asarray(sp)) ** 2)))
-    n_p, n_g, inter = _class_counts(pred, gt, num_classes)
+    n_p, n_g, inter = class_counts(pred, gt, num_classes)
     boxes_p = ndimage.find_objects(pred, max_label=num_classes - 1)
     boxes_g = ndimage.find_objects(gt, max_label=num_classes - 1)
     res = {m: np.full(num_classes - 1, np.nan) for m in METRICS}

@@ -108,28 +108,30 @@ def cell_split(cfg: RunConfig):
 
 
 def prepare_shared(cfgs: list[RunConfig], log: Callable[[str], None] = print, register: bool = False,
-                   progress: bool = False) -> None:
+                   progress: bool = False) -> list:
     """Create, in this process, everything the cells share, so parallel workers only read it:
     the dataset cache, the split files, the registration model and the registration maps of every
     labeled set a registration-based cell needs.
 
     Without `register` a missing registration model is the trainer's CctrError (naming
-    `cctr register train`); with it the model is trained here, once.
+    `cctr register train`); with it the model is trained here, once. Returns each config's split.
     """
     from cctr.data.datasets import load_dataset
     from cctr.train import get_method
 
     if not cfgs:
-        return
+        return []
     load_dataset(cfgs[0].data.dataset)
     needs_maps: dict[tuple, tuple[RunConfig, Any]] = {}
+    splits = []
     for cfg in cfgs:
         split = cell_split(cfg)  # writes the split file once, here
+        splits.append(split)
         if get_method(cfg.train.method).needs_registration:
             key = (config_hash(to_dict(cfg.registration)), tuple(split.labeled), tuple(split.train))
             needs_maps.setdefault(key, (cfg, split))
     if not needs_maps:
-        return
+        return splits
     from cctr.registration import ensure_registration, registration_maps
 
     for i, (cfg, split) in enumerate(needs_maps.values()):
@@ -137,6 +139,7 @@ def prepare_shared(cfgs: list[RunConfig], log: Callable[[str], None] = print, re
             ensure_registration(cfg.data.dataset, cfg.registration, split, progress=progress)
         log(f"registration maps {i + 1}/{len(needs_maps)}: labeled {', '.join(split.labeled)}")
         registration_maps(cfg.data.dataset, cfg.registration, split, progress=progress)
+    return splits
 
 
 # ----------------------------------------------------------------------------- running cells
@@ -344,13 +347,14 @@ def run_table(spec: Table1Spec, log: Callable[[str], None] = print, progress: bo
             signal.signal(signal.SIGTERM, workers.raise_interrupt)
         _end_stale_runs(dataset, spec.name, log)
         finished = _finished_by_hash(dataset, spec.name)
-        todo = [c for c in all_cells if config_hash(to_dict(cfgs[c])) not in finished]
+        hashes = {c: config_hash(to_dict(cfgs[c])) for c in all_cells}
+        todo = [c for c in all_cells if hashes[c] not in finished]
         for c in all_cells:
             if c not in todo:
-                log(f"{_cell_name(c)}: done already ({finished[config_hash(to_dict(cfgs[c]))].info.run_id})")
+                log(f"{_cell_name(c)}: done already ({finished[hashes[c]].info.run_id})")
         outcome: dict[tuple, tuple[str, str | None]] = {}
         if todo:
-            prepare_shared([cfgs[c] for c in todo], log, register=register, progress=progress)
+            splits = prepare_shared([cfgs[c] for c in todo], log, register=register, progress=progress)
             n_jobs = max(1, min(jobs if jobs is not None else workers.default_jobs(len(todo)), len(todo)))
             n_threads = workers.threads_per_job(n_jobs, threads)
             log(f"{len(todo)} of {len(all_cells)} cells to train: {n_jobs} worker(s), {n_threads} thread(s) each")
@@ -362,11 +366,9 @@ def run_table(spec: Table1Spec, log: Callable[[str], None] = print, progress: bo
                                             "config": spec.config, "overrides": spec.overrides}
                                     if parent_id is None else None, run_id=parent_id) as parent:
                 tasks = []
-                for i, c in enumerate(todo):
-                    cfg = cfgs[c]
-                    split = cell_split(cfg)
-                    tasks.append({"index": i, "config": to_dict(cfg), "parent_run_id": parent.run_id,
-                                  "tags": {"table1": spec.name, "role": "cell", "config_hash": config_hash(to_dict(cfg)),
+                for i, (c, split) in enumerate(zip(todo, splits)):
+                    tasks.append({"index": i, "config": to_dict(cfgs[c]), "parent_run_id": parent.run_id,
+                                  "tags": {"table1": spec.name, "role": "cell", "config_hash": hashes[c],
                                            "labeled_cases": ",".join(split.labeled), "table1_pid": os.getpid()}})
                 names = [f"[{i + 1}/{len(todo)}] {_cell_name(c)}" for i, c in enumerate(todo)]
                 try:

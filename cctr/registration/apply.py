@@ -42,6 +42,7 @@ from cctr.data.case import Case
 from cctr.data.datasets import Dataset, Split, load_dataset
 from cctr.data.slices import GridField, interp_matrix
 from cctr.errors import CctrError
+from cctr.metrics import class_counts
 from cctr.paths import cache_root
 from cctr.registration.grid import (
     GridMap,
@@ -350,18 +351,15 @@ def confidence_calibration(maps: RegMaps, ds: Dataset, case_ids: list[str], thre
         if gt is None:
             continue
         m = maps[cid]
-        counts = {k: np.zeros((3, C), np.int64) for k in dice}  # |pred & gt|, |pred|, |gt| per class
+        counts = {k: np.zeros((3, C), np.int64) for k in dice}  # |pred|, |gt|, |pred & gt| per class
         for z in range(m.y_reg.shape[0]):
             high = m.c_reg.slice(z)[0] >= threshold
             above += int(high.sum())
             total += high.size
             y, g = m.y_reg[z], np.asarray(gt[z])
             for key, sel in (("high", high), ("low", ~high)):
-                ys, gs = y[sel], g[sel]
-                counts[key][0] += np.bincount(ys[ys == gs], minlength=C)[:C]
-                counts[key][1] += np.bincount(ys, minlength=C)[:C]
-                counts[key][2] += np.bincount(gs, minlength=C)[:C]
-        for key, (inter, p, t) in counts.items():
+                counts[key] += class_counts(y[sel], g[sel], C)
+        for key, (p, t, inter) in counts.items():
             den = (p + t)[1:]
             if (den > 0).any():
                 dice[key].append(float(np.mean(2 * inter[1:][den > 0] / den[den > 0])))
