@@ -80,8 +80,11 @@ class TrainConfig:
     seed: int = 0
     ramp_iters: int = 1000  # sigmoid ramp-up of w_ct and w_con; SSL4MIS spans the whole training
     w_ct: float = 0.1  # SSL4MIS cross-teaching weight
-    w_rsl: float = 1.0
-    ramp_rsl: bool = False  # registration labels help most early, when pseudo-labels are poor (DESIGN §4)
+    # like the other unsupervised terms; chosen on validation Dice (README: 1.0 let y_reg cap the nets)
+    w_rsl: float = 0.1
+    # "constant" | "ramp" (up, like w_ct) | "decay" (w_rsl·(1 − ramp): hands over to cross-teaching as it
+    # ramps up). Registration labels help most early, when pseudo-labels are poor (DESIGN §4)
+    rsl_schedule: str = "constant"
     # RSL yields where both nets agree on another class than y_reg, each at least this sure (> 1: never)
     rsl_yield_conf: float = 0.9
     w_con: float = 0.1

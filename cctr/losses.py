@@ -308,3 +308,17 @@ def ramp_weight(w: float, t: int | float, ramp: int | float) -> float:
         return float(w)
     phase = 1.0 - min(max(float(t), 0.0) / float(ramp), 1.0)
     return float(w) * math.exp(-5.0 * phase * phase)
+
+
+SCHEDULES = ("constant", "ramp", "decay")
+
+
+def scheduled_weight(w: float, schedule: str, t: int | float, ramp: int | float) -> float:
+    """A term's weight at iteration t: "constant", "ramp" (sigmoid ramp-up over `ramp`) or "decay"
+    (w minus the ramp-up: full at the start, gone at `ramp`; for registration labels, whose value
+    falls as the nets' pseudo-labels overtake them)."""
+    if schedule == "ramp":
+        return ramp_weight(w, t, ramp)
+    if schedule == "decay":
+        return float(w) - ramp_weight(w, t, ramp)
+    return float(w)

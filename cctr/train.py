@@ -75,6 +75,9 @@ def validate_config(cfg: RunConfig) -> Method:
               "rsl_yield_conf", "memory_size"):
         if getattr(t, k) < 0:
             raise CctrError(f"train.{k} must be >= 0, got {getattr(t, k)}")
+    from cctr import losses as L
+    if t.rsl_schedule not in L.SCHEDULES:
+        raise CctrError(f"train.rsl_schedule must be one of {', '.join(L.SCHEDULES)}, got '{t.rsl_schedule}'")
     if t.contrast not in ("per_net", "joint"):
         raise CctrError(f"train.contrast must be per_net or joint, got '{t.contrast}'")
     if t.tau == 0 or t.reps_cap == 0:
@@ -498,7 +501,7 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
         _set_np_state(ck["rng_numpy"])
     end = min(t.iters, stop_after) if stop_after else t.iters
     early_end = t.iters // 4
-    weights = {"ct": (t.w_ct, True), "rsl": (t.w_rsl, t.ramp_rsl), "con": (t.w_con, True)}
+    weights = {"ct": (t.w_ct, "ramp"), "rsl": (t.w_rsl, t.rsl_schedule), "con": (t.w_con, "ramp")}
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
     prog = TrainProgress(end, state.iteration) if progress else None
     last_val = float("nan")
@@ -516,8 +519,8 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
             for n in nets:
                 n.train()
             terms, stats = loss_terms(cfg, method, nets, batch, con, gen, device, amp)
-            total = terms["sup"] + sum((L.ramp_weight(weights[k][0], it, t.ramp_iters) if weights[k][1]
-                                        else weights[k][0]) * v for k, v in terms.items() if k != "sup")
+            total = terms["sup"] + sum(L.scheduled_weight(*weights[k], it, t.ramp_iters) * v
+                                       for k, v in terms.items() if k != "sup")
             if not torch.isfinite(total):
                 raise Diverged(f"non-finite loss at iteration {it} "
                                f"({', '.join(f'{k}={float(v.detach()):.3g}' for k, v in terms.items())})")

@@ -53,10 +53,16 @@ def threads_per_job(jobs: int, threads: int | None = None) -> int:
 
 def raise_interrupt(signum, frame):  # noqa: ARG001
     """SIGTERM (and a worker's SIGINT) as Ctrl-C, once: the cleanup that ends runs KILLED must not
-    itself be interrupted by the next signal."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    itself be interrupted by the next signal. Later signals go to a no-op handler, not SIG_IGN: one that
+    arrived together with this one (Ctrl-C reaches the worker and its parent, which then sends SIGTERM)
+    is still pending, and Python raises OSError for a pending signal whose handler became SIG_IGN."""
+    signal.signal(signal.SIGINT, _ignore)
+    signal.signal(signal.SIGTERM, _ignore)
     raise KeyboardInterrupt
+
+
+def _ignore(signum, frame):  # noqa: ARG001
+    pass
 
 
 def die_with_parent() -> None:

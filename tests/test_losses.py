@@ -22,6 +22,7 @@ from cctr.losses import (
     reps_partners,
     rsl_loss,
     sample_anchors,
+    scheduled_weight,
 )
 
 
@@ -357,3 +358,13 @@ def test_ramp_weight() -> None:
     assert ramp_weight(2.0, 0, 100) == pytest.approx(2.0 * math.exp(-5.0))
     assert ramp_weight(2.0, 50, 100) == pytest.approx(2.0 * math.exp(-5.0 * 0.25))
     assert ramp_weight(2.0, 500, 100) == 2.0
+
+
+def test_scheduled_weight() -> None:
+    # "decay" is the complement of the ramp-up: the two always sum to the full weight
+    for t in (0, 25, 50, 99, 100, 400):
+        assert scheduled_weight(2.0, "decay", t, 100) + scheduled_weight(2.0, "ramp", t, 100) == pytest.approx(2.0)
+        assert scheduled_weight(2.0, "constant", t, 100) == 2.0
+    assert scheduled_weight(2.0, "decay", 0, 100) == pytest.approx(2.0 * (1 - math.exp(-5.0)))
+    assert scheduled_weight(2.0, "decay", 50, 100) == pytest.approx(2.0 * (1 - math.exp(-1.25)))
+    assert scheduled_weight(2.0, "decay", 100, 100) == 0.0
