@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cctr import losses as L
 from cctr.checkpoint import load_checkpoint, save_checkpoint
 from cctr.config import RunConfig, flatten, to_dict
 from cctr.errors import CctrError
@@ -75,7 +76,6 @@ def validate_config(cfg: RunConfig) -> Method:
               "rsl_yield_conf", "memory_size"):
         if getattr(t, k) < 0:
             raise CctrError(f"train.{k} must be >= 0, got {getattr(t, k)}")
-    from cctr import losses as L
     if t.rsl_schedule not in L.SCHEDULES:
         raise CctrError(f"train.rsl_schedule must be one of {', '.join(L.SCHEDULES)}, got '{t.rsl_schedule}'")
     if t.contrast not in ("per_net", "joint"):
@@ -213,7 +213,6 @@ def loss_terms(cfg: RunConfig, method: Method, nets, batch: dict, con: Contrast 
                device: torch.device, amp: torch.dtype | None = None
                ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """All loss terms of one batch (the caller weights and sums them) and the step's monitor counts."""
-    from cctr import losses as L
 
     t = cfg.train
     b_l = t.batch_labeled
@@ -266,7 +265,6 @@ def contrastive_term(cfg: RunConfig, method: Method, nets, outs, pseudo, y, batc
     (`nearest_index`). With REPS, coordinates of pixels rotated in from outside the slice or below the
     confidence threshold are NaN, so they match nothing.
     """
-    from cctr import losses as L
 
     t = cfg.train
     b_l = t.batch_labeled
@@ -458,7 +456,6 @@ def _evaluate_reg_only(data: RunData, run, run_dir: Path) -> dict[str, float]:
 
 def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: dict | None, progress: bool,
          on_validation, stop_after: int | None) -> dict[str, float]:
-    from cctr import losses as L
     from cctr.data.slices import make_loader
     from cctr.models import build_nets
 
