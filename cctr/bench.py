@@ -45,7 +45,14 @@ def bench_step(repeats: int = 7, size: int | None = None) -> dict:
     from cctr import losses as L
     from cctr.config import EXPERIMENTS, apply_overrides, load_config
     from cctr.models import build_nets
-    from cctr.train import METHODS, Contrast, amp_dtype, forward_nets, loss_terms
+    from cctr.train import (
+        METHODS,
+        Contrast,
+        amp_dtype,
+        forward_nets,
+        loss_terms,
+        make_optimizer,
+    )
 
     cfg = load_config(EXPERIMENTS / "phantom_cardiac.yaml", "quick")
     if size is not None:
@@ -66,7 +73,7 @@ def bench_step(repeats: int = 7, size: int | None = None) -> dict:
     torch.manual_seed(0)
     nets = build_nets(cfg.model, C)
     params = [p for n in nets for p in n.parameters()]
-    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    opt = make_optimizer(t, params)  # the training loop's optimizer (fused SGD)
     cpu = torch.device("cpu")
     amp = amp_dtype(t.amp, cpu)
 

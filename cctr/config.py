@@ -83,7 +83,8 @@ class TrainConfig:
     # 0.1 (like w_ct) raised validation Dice on phantom-cardiac but lowered it on phantom-abdomen (README)
     w_rsl: float = 1.0
     # "constant" | "ramp" (up, like w_ct) | "decay" (w_rsl·(1 − ramp): hands over to cross-teaching as it
-    # ramps up). Registration labels help most early, when pseudo-labels are poor (DESIGN §4)
+    # ramps up) | "crossover" (w_rsl until the nets' validation Dice reaches y_reg's, then 0).
+    # Registration labels help most early, when pseudo-labels are poor (DESIGN §4)
     rsl_schedule: str = "constant"
     # RSL yields where both nets agree on another class than y_reg, each at least this sure (> 1: never)
     rsl_yield_conf: float = 0.9

@@ -121,27 +121,22 @@ def sample_anchors(
 
     `labels` [B,h,w] must be at the embedding's resolution; negative labels mean "no label" and are
     never sampled. Returns (feats [N,D] with grad, classes [N], (batch idx, y, x)), grouped by class.
-    Vectorised: each pixel gets a random key, pixels are sorted by (class, key) and the first
-    `per_class` of each class are kept.
+    Each pixel gets a random key; per present class the `per_class` smallest keys win (a top-k per
+    class: sorting every pixel twice cost most of the contrastive term at full U-Net resolution).
     """
     b, d, h, w = embed.shape
     if labels.shape != (b, h, w):
         raise ValueError(f"labels {list(labels.shape)} do not match embed {[b, h, w]}; use nearest_index")
     flat = labels.reshape(-1).long()
-    valid = torch.nonzero(flat >= 0).squeeze(1)
-    cls = flat[valid]
-    if valid.numel() == 0 or per_class <= 0:
+    counts = torch.bincount(flat[flat >= 0])
+    if per_class <= 0 or int(counts.sum()) == 0:
         empty = torch.zeros(0, dtype=torch.long, device=embed.device)
         return embed.new_zeros(0, d) + _zero(embed), empty, (empty, empty, empty)
-    dev = generator.device if generator is not None else cls.device
-    keys = torch.rand(cls.numel(), generator=generator, device=dev).to(cls.device)
-    shuffled = torch.argsort(keys)
-    order = shuffled[torch.argsort(cls[shuffled], stable=True)]  # class-major, random within class
-    cls_sorted = cls[order]
-    counts = torch.bincount(cls_sorted)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(cls_sorted.numel(), device=cls.device) - starts[cls_sorted]
-    chosen = valid[order[rank < per_class]]
+    dev = generator.device if generator is not None else flat.device
+    keys = torch.rand(flat.numel(), generator=generator, device=dev).to(flat.device)
+    never = torch.tensor(2.0, device=flat.device)  # above every key: never among a class's smallest
+    chosen = torch.cat([torch.topk(torch.where(flat == c, keys, never), min(per_class, int(n)), largest=False).indices
+                        for c, n in enumerate(counts.tolist()) if n])
     bi = chosen // (h * w)
     yi = (chosen % (h * w)) // w
     xi = chosen % w
@@ -179,18 +174,23 @@ def masked_supcon_terms(anchors: torch.Tensor, keys: torch.Tensor, positives: Se
     if anchors.shape[0] == 0 or not bool(rows.any()):
         return [_zero(anchors) for _ in pos]
     # Only anchors with a positive: their denominators are non-empty, so no -inf/NaN reaches autograd.
-    logits = (anchors.float()[rows] @ keys.float().t()) / tau
-    logits = logits.masked_fill(~denom[rows], float("-inf"))
+    # (Rows are selected only when some are left out: copying [N,M] masks is a visible share of a step.)
+    a, dn = anchors.float(), denom
+    if not bool(rows.all()):
+        a, dn, pos, has = a[rows], dn[rows], [p[rows] for p in pos], [h[rows] for h in has]
+    logits = (a @ keys.float().t()) / tau
+    logits = logits.masked_fill(~dn, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     out = []
     for p, h in zip(pos, has):
         if not bool(h.any()):
             out.append(_zero(anchors))
             continue
-        keep = h[rows]
-        pk = p[rows][keep]
-        pos_sum = torch.where(pk, log_prob[keep], torch.zeros_like(log_prob[keep])).sum(1)
-        out.append(-(pos_sum / pk.sum(1)).mean())
+        lp = log_prob
+        if not bool(h.all()):
+            p, lp = p[h], lp[h]
+        pos_sum = torch.where(p, lp, 0.0).sum(1)
+        out.append(-(pos_sum / p.sum(1)).mean())
     return out
 
 
@@ -266,18 +266,21 @@ def reps_partners(anchor_coords: torch.Tensor, anchor_case: torch.Tensor, key_co
     n, m = anchor_coords.shape[0], key_coords.shape[0]
     if n == 0 or m == 0:
         return torch.zeros(n, m, dtype=torch.bool, device=anchor_coords.device)
-    a, k = anchor_coords.float(), key_coords.float().to(anchor_coords.device)
-    dz2 = (a[:, None, 0] - k[None, :, 0]) ** 2 / cap_z_mm**2
-    dxy2 = ((a[:, None, 1] - k[None, :, 1]) ** 2 + (a[:, None, 2] - k[None, :, 2]) ** 2) / cap_xy_mm**2
+    dev = anchor_coords.device
+    scale = torch.tensor([cap_z_mm, cap_xy_mm, cap_xy_mm], device=dev)
+    a, k = (anchor_coords.float() / scale).t(), (key_coords.float().to(dev) / scale).t()  # [3,N], [3,M]
+    dz2 = (a[0, :, None] - k[0, None, :]).square()
+    dxy2 = (a[1, :, None] - k[1, None, :]).square() + (a[2, :, None] - k[2, None, :]).square()
     # NaN compares False: a NaN coordinate is never within the caps
-    ok = (dz2 <= 1) & (dxy2 <= 1) & (anchor_case[:, None] != key_case[None, :].to(anchor_case))
-    d = torch.where(ok, dz2 + dxy2, torch.full_like(dz2, float("inf")))
-    # nearest key per (anchor, case): a min per case via scatter, then keys equal to their case's min
-    _, case_idx = torch.unique(key_case, return_inverse=True)
-    idx = case_idx.to(d.device).unsqueeze(0).expand(n, m)
-    best = torch.full((n, int(case_idx.max()) + 1), float("inf"), device=d.device)
+    key_case = key_case.to(device=dev, dtype=torch.int32)  # case ids are small: narrow compares are cheaper
+    ok = (dz2 <= 1) & (dxy2 <= 1) & (anchor_case.to(torch.int32)[:, None] != key_case[None, :])
+    d = (dz2 + dxy2).masked_fill(~ok, float("inf"))
+    # nearest key per (anchor, case): a min per case via scatter (case ids >= -1, the empty slots' -1
+    # included), then the keys equal to their case's min
+    idx = (key_case.long() + 1).unsqueeze(0).expand(n, m)
+    best = torch.full((n, int(key_case.max()) + 2), float("inf"), device=dev)
     best = best.scatter_reduce(1, idx, d, reduce="amin")
-    return torch.isfinite(d) & (d == best.gather(1, idx))
+    return ok & (d == best.gather(1, idx))
 
 
 def contrast_masks(anchor_cls: torch.Tensor, anchor_gt: torch.Tensor, anchor_case: torch.Tensor,
@@ -310,15 +313,18 @@ def ramp_weight(w: float, t: int | float, ramp: int | float) -> float:
     return float(w) * math.exp(-5.0 * phase * phase)
 
 
-SCHEDULES = ("constant", "ramp", "decay")
+SCHEDULES = ("constant", "ramp", "decay", "crossover")
 
 
-def scheduled_weight(w: float, schedule: str, t: int | float, ramp: int | float) -> float:
-    """A term's weight at iteration t: "constant", "ramp" (sigmoid ramp-up over `ramp`) or "decay"
-    (w minus the ramp-up: full at the start, gone at `ramp`; for registration labels, whose value
-    falls as the nets' pseudo-labels overtake them)."""
+def scheduled_weight(w: float, schedule: str, t: int | float, ramp: int | float, crossed: bool = False) -> float:
+    """A term's weight at iteration t: "constant", "ramp" (sigmoid ramp-up over `ramp`), "decay"
+    (w minus the ramp-up: full at the start, gone at `ramp`) or "crossover" (w until `crossed`, then 0).
+    The last two are for registration labels, whose value falls as the nets' pseudo-labels overtake
+    them; "crossover" stops at the measured point where they have."""
     if schedule == "ramp":
         return ramp_weight(w, t, ramp)
     if schedule == "decay":
         return float(w) - ramp_weight(w, t, ramp)
+    if schedule == "crossover" and crossed:
+        return 0.0
     return float(w)

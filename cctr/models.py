@@ -36,20 +36,32 @@ def encoder_names() -> list[str]:
 
 
 class ProjectionHead(nn.Module):
-    """Two 1x1 convs (BN/ReLU between) to `dim` channels, L2-normalised per pixel; fed [N,C,1,1] anchors."""
+    """Two linear layers (BN/ReLU between) to `dim` channels, L2-normalised; fed [N,C] anchor features.
+
+    Linear rather than 1x1 convs on [N,C,1,1]: the same map, at less than half the cost of oneDNN's
+    convolution backward on 1x1 inputs (measured on CPU).
+    """
 
     def __init__(self, in_channels: int, dim: int) -> None:
         super().__init__()
         hidden = max(in_channels, dim)  # never a bottleneck narrower than the output
         self.net = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 1, bias=False),
-            nn.BatchNorm2d(hidden),
+            nn.Linear(in_channels, hidden, bias=False),
+            nn.BatchNorm1d(hidden),
             nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, dim, 1),
+            nn.Linear(hidden, dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.net(x), dim=1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints written before the head was linear hold 1x1 conv weights [out,in,1,1]."""
+        for i in (0, 3):
+            w = state_dict.get(f"{prefix}net.{i}.weight")
+            if w is not None and w.ndim == 4:
+                state_dict[f"{prefix}net.{i}.weight"] = w.flatten(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class SegNet(nn.Module):
@@ -104,7 +116,7 @@ class SegNet(nn.Module):
         """L2-normalised projections [N,D] of decoder features gathered at N anchors [N,F]."""
         if self.training and feats.shape[0] < 2:  # BatchNorm's batch statistics need two anchors
             return feats.new_zeros(feats.shape[0], self.proj_dim) + 0 * feats.sum()
-        return self.proj(feats[:, :, None, None]).flatten(1)
+        return self.proj(feats)
 
 
 def _check_names(arch: str, encoder: str) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from cctr import losses as L
 from cctr.checkpoint import load_checkpoint, save_checkpoint
-from cctr.config import RunConfig, flatten, to_dict
+from cctr.config import RunConfig, TrainConfig, flatten, to_dict
 from cctr.errors import CctrError
 from cctr.evaluate import (
     CKPT_FORMAT,
@@ -202,11 +202,31 @@ def amp_dtype(amp: bool, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def make_optimizer(t: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD (or AdamW) with fused kernels: the per-tensor update loop cost ~8 % of a CPU step.
+
+    SGD's momentum buffers start at zero rather than at the first gradient (the same update when
+    dampening is 0): the fused kernel needs every parameter it updates to have a buffer, or none, and a
+    projection head can receive its first gradient after the rest (too few anchors in a step).
+    """
+    if t.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, fused=True)
+        if t.momentum:
+            for p in params:
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return opt
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
+    raise CctrError(f"train.optimizer must be sgd or adamw, got '{t.optimizer}'")
+
+
 def forward_nets(nets, img: torch.Tensor, with_embed: bool, amp: torch.dtype | None) -> list[dict[str, torch.Tensor]]:
-    """Both nets' outputs in fp32; under `amp` only the nets run in low precision, every loss stays fp32."""
+    """Both nets' outputs; under `amp` only the nets run in low precision and every loss stays fp32: the
+    logits are returned in fp32, the decoder features as computed (the contrast reads a few anchors of
+    them, so only those are converted)."""
     with torch.autocast(img.device.type, dtype=amp or torch.float32, enabled=amp is not None):
         outs = [net(img, with_embed=with_embed) for net in nets]
-    return [{k: v.float() for k, v in o.items()} for o in outs]
+    return [{**o, "logits": o["logits"].float()} for o in outs]
 
 
 def loss_terms(cfg: RunConfig, method: Method, nets, batch: dict, con: Contrast | None, gen: torch.Generator,
@@ -283,7 +303,7 @@ def contrastive_term(cfg: RunConfig, method: Method, nets, outs, pseudo, y, batc
 
         lab = torch.cat([y[:b_l], pseudo[1 - k]], 0)[:, iy[:, None], ix[None, :]]
         f, c, (bi, yy, xx) = L.sample_anchors(emb, lab, t.anchors_per_class, gen)
-        f = nets[k].embed(f)  # only the anchors are projected
+        f = nets[k].embed(f.float())  # only the anchors are projected, in fp32
         py, px = iy[yy], ix[xx]  # the anchors' pixels at input resolution: every attribute is read there
         co = coords[bi, :, py, px] if coords is not None else f.new_full((f.shape[0], 3), float("nan"))
         anchors.append((f, c, case[bi], is_gt[bi], mon[bi, py, px], co))
@@ -310,15 +330,23 @@ def contrastive_term(cfg: RunConfig, method: Method, nets, outs, pseudo, y, batc
     return total
 
 
+def rsl_crossed(history: list[dict]) -> bool:
+    """Have the nets reached registration's quality? Their validation Dice at or above y_reg's at some
+    validation (the crossover of the pseudo-label-quality curves, measured on validation cases like
+    the best-checkpoint choice; training cases' held-back labels are never read for it)."""
+    return any(h["val_dice"] >= h["val_reg_dice"] for h in history if "val_reg_dice" in h)
+
+
 def _count_pairs(stats: dict[str, float], masks: dict[str, torch.Tensor], a_mon, k_mon) -> None:
     """Monitor only (held-back labels): how often REPS pairs and pseudo-label pairs share the true class."""
-    known = (a_mon.unsqueeze(1) >= 0) & (k_mon.unsqueeze(0) >= 0)
-    agree = a_mon.unsqueeze(1) == k_mon.unsqueeze(0)
-    add = {"anchors": a_mon.shape[0], "pl_hits": (masks["pseudo_pairs"] & known & agree).sum(),
+    a_known = a_mon.unsqueeze(1) >= 0
+    known = a_known & (k_mon.unsqueeze(0) >= 0)
+    hit = a_known & (a_mon.unsqueeze(1) == k_mon.unsqueeze(0))  # a known class equal to the key's: both known
+    add = {"anchors": a_mon.shape[0], "pl_hits": (masks["pseudo_pairs"] & hit).sum(),
            "pl_pairs": (masks["pseudo_pairs"] & known).sum()}
     if "reps" in masks:
         r = masks["reps"]
-        add.update(reps_pos=r.sum(), reps_anchors=r.any(1).sum(), reps_hits=(r & known & agree).sum(),
+        add.update(reps_pos=r.sum(), reps_anchors=r.any(1).sum(), reps_hits=(r & hit).sum(),
                    reps_pairs=(r & known).sum())
     for key, v in add.items():
         stats[key] = stats.get(key, 0.0) + float(v)
@@ -464,12 +492,7 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
     C = data.ds.spec.num_classes
     nets = [n.to(device) for n in build_nets(cfg.model, C)]
     params = [p for n in nets for p in n.parameters()]
-    if t.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    elif t.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    else:
-        raise CctrError(f"train.optimizer must be sgd or adamw, got '{t.optimizer}'")
+    opt = make_optimizer(t, params)
     amp = amp_dtype(t.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     con = None
@@ -504,6 +527,9 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
     last_val = float("nan")
     window: dict[str, float] = {}
     reg_dice: dict[str, float] = {}
+    crossed = rsl_crossed(state.history)  # a resumed run continues where it was
+    for n in nets:  # back in training mode after each validation (a walk over every module: not per step)
+        n.train()
     try:
         for batch in batches:
             if state.iteration >= end:
@@ -513,11 +539,9 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
             lr = poly_lr(t.lr, it, t.iters, t.poly_power)
             for g in opt.param_groups:
                 g["lr"] = lr
-            for n in nets:
-                n.train()
             terms, stats = loss_terms(cfg, method, nets, batch, con, gen, device, amp)
-            total = terms["sup"] + sum(L.scheduled_weight(*weights[k], it, t.ramp_iters) * v
-                                       for k, v in terms.items() if k != "sup")
+            w_now = {k: L.scheduled_weight(*weights[k], it, t.ramp_iters, crossed) for k in terms if k != "sup"}
+            total = terms["sup"] + sum(w_now[k] * v for k, v in terms.items() if k != "sup")
             if not torch.isfinite(total):
                 raise Diverged(f"non-finite loss at iteration {it} "
                                f"({', '.join(f'{k}={float(v.detach()):.3g}' for k, v in terms.items())})")
@@ -541,10 +565,13 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
                     state.early[key] = state.early.get(key, 0.0) + v
             if it % 10 == 0 or state.iteration == end:
                 run.log_metrics({"loss": total.item(), "lr": lr, **{f"loss_{k}": v.item() for k, v in terms.items()},
-                                 **monitor_metrics(window, 10)}, it)
+                                 **{f"w_{k}": v for k, v in w_now.items()}, **monitor_metrics(window, 10)}, it)
                 window = {}
             if state.iteration % t.val_every == 0 or state.iteration == t.iters:
                 last_val = _validate(cfg, nets, data, run, state, device, reg_dice if method.unlabeled else None)
+                crossed = rsl_crossed(state.history)
+                for n in nets:
+                    n.train()
                 if state.best_iter == state.iteration:
                     save_checkpoint(best_path, weights_payload(cfg, nets, state, run.run_id))
                 if on_validation is not None:
@@ -579,6 +606,10 @@ def _validate(cfg, nets, data: RunData, run, state: StepState, device, reg_dice:
     metrics = {f"val_{k}": v for k, v in summ.items()}
     if reg_dice is not None:
         metrics.update(pseudo_label_quality(nets, data, cfg.data.size, device, reg_dice))
+        if data.reg is not None:  # y_reg's own validation Dice (fixed): where the nets' curve crosses it
+            if "val" not in reg_dice:
+                reg_dice["val"] = dice_summary({c: data.reg.y_reg(c) for c in data.split.val}, data.ds)["dice"]
+            metrics["val_reg_dice"] = reg_dice["val"]
     val = float(summ["dice"])
     if val > state.best_dice:
         state.best_dice, state.best_iter = val, state.iteration

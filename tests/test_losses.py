@@ -368,3 +368,7 @@ def test_scheduled_weight() -> None:
     assert scheduled_weight(2.0, "decay", 0, 100) == pytest.approx(2.0 * (1 - math.exp(-5.0)))
     assert scheduled_weight(2.0, "decay", 50, 100) == pytest.approx(2.0 * (1 - math.exp(-1.25)))
     assert scheduled_weight(2.0, "decay", 100, 100) == 0.0
+    # "crossover": the full weight until the nets have reached registration's quality, then nothing
+    assert scheduled_weight(2.0, "crossover", 700, 100) == 2.0
+    assert scheduled_weight(2.0, "crossover", 0, 100, crossed=True) == 0.0
+    assert scheduled_weight(2.0, "constant", 700, 100, crossed=True) == 2.0

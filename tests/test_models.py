@@ -94,8 +94,9 @@ def test_encoder_refusing_one_channel_gets_repeated_input(monkeypatch: pytest.Mo
 
 
 def test_amp_runs_only_the_nets_in_low_precision(nets: tuple[SegNet, SegNet]) -> None:
-    """Under `train.amp` the nets run in bf16 (CPU) and hand back fp32 outputs close to the fp32
-    forward, so every loss is computed in fp32; without amp (or without native bf16) nothing changes."""
+    """Under `train.amp` the nets run in bf16 (CPU) and hand back fp32 logits close to the fp32
+    forward, so every loss is computed in fp32 (the contrast converts the anchors it gathers from the
+    bf16 features); without amp (or without native bf16) nothing changes."""
     from cctr.train import amp_dtype, forward_nets
 
     cpu = torch.device("cpu")
@@ -108,6 +109,27 @@ def test_amp_runs_only_the_nets_in_low_precision(nets: tuple[SegNet, SegNet]) ->
         ref = forward_nets(nets, x, True, None)
         low = forward_nets(nets, x, True, torch.bfloat16)
     for r, lo in zip(ref, low):
-        assert set(lo) == {"logits", "feat"} and all(v.dtype == torch.float32 for v in lo.values())
+        assert set(lo) == {"logits", "feat"} and lo["logits"].dtype == torch.float32
+        assert lo["feat"].dtype == torch.bfloat16 and r["feat"].dtype == torch.float32
         err = (lo["logits"] - r["logits"]).abs().max() / r["logits"].abs().max()
         assert 0 < err < 0.05  # really computed in bf16, and close
+
+
+def test_projection_head_loads_checkpoints_of_the_1x1_conv_layout() -> None:
+    """Heads were 1x1 convs on [N,C,1,1]; their weights [out,in,1,1] load into the linear head and give
+    the very map the conv head computed."""
+    from cctr.models import ProjectionHead
+
+    torch.manual_seed(0)
+    head = ProjectionHead(6, 4).eval()
+    conv1, conv2 = torch.nn.Conv2d(6, 6, 1, bias=False), torch.nn.Conv2d(6, 4, 1)
+    old = {k: v.clone() for k, v in head.state_dict().items()}
+    old["net.0.weight"], old["net.3.weight"], old["net.3.bias"] = conv1.weight, conv2.weight, conv2.bias
+    old["net.1.running_mean"] = torch.randn(6)
+    head.load_state_dict(old)
+    x = torch.randn(5, 6)
+    bn = head.net[1]
+    h = torch.relu((conv1(x[:, :, None, None]).flatten(1) - bn.running_mean) / (bn.running_var + bn.eps).sqrt()
+                   * bn.weight + bn.bias)
+    ref = torch.nn.functional.normalize(conv2(h[:, :, None, None]).flatten(1), dim=1)
+    assert torch.allclose(head(x), ref, atol=1e-6)

@@ -224,7 +224,13 @@ def test_confidence_tracks_image_agreement_and_atlas_disagreement():
     """c_reg is high where the target's intensity fits the class the atlas puts there, low where it
     does not (the right half shows fat where the atlas says organ), and at most 1/2 where two atlases
     disagree on the label."""
-    from cctr.registration.apply import Atlas, class_intensities, confidence
+    from cctr.registration.apply import (
+        Atlas,
+        atlas_fits,
+        atlas_weights,
+        class_intensities,
+        confidence,
+    )
     from cctr.registration.grid import identity
 
     grid = (6, 12, 16)
@@ -238,22 +244,77 @@ def test_confidence_tracks_image_agreement_and_atlas_disagreement():
     phi = identity(grid)
     atlas = Atlas("a", np.zeros(grid, np.uint8), (1.0, 1.0, 1.0), None, atlas_img, organ,  # type: ignore[arg-type]
                   *class_intensities(atlas_img, organ))
-    c = confidence({"a": phi}, target, {"a": atlas})
+    fits = atlas_fits({"a": phi}, target, {"a": atlas})
+    c = confidence(fits, atlas_weights(fits))
     assert c.shape == grid and float(c.min()) >= 0 and float(c.max()) <= 1
     inside = organ[1].bool()
     assert float(c[..., :7][inside[..., :7]].mean()) > 0.8  # agreeing organ
     assert float(c[..., 9:][inside[..., 9:]].max()) < 0.1  # "organ" over fat
     flipped = Atlas("b", np.zeros(grid, np.uint8), (1.0, 1.0, 1.0), None, atlas_img, organ.flip(0),  # type: ignore[arg-type]
                     *class_intensities(atlas_img, organ.flip(0)))
-    both = confidence({"a": phi, "b": phi}, target, {"a": atlas, "b": flipped})
+    fits = atlas_fits({"a": phi, "b": phi}, target, {"a": atlas, "b": flipped})
+    both = confidence(fits, atlas_weights(fits))  # equally plausible, opposite labels: a tie
     assert float(both.max()) <= 0.5 + 1e-6
+
+
+def test_weighted_voting_follows_the_atlas_whose_label_fits_the_target():
+    """Two atlases, one misregistered (its organ shifted): where they disagree, the plain average ties
+    (confidence 1/2), while locally weighted voting takes the label that fits the target's intensity,
+    and is confident there; with one atlas the weights change nothing."""
+    from cctr.data.case import Case
+    from cctr.registration.apply import (
+        Atlas,
+        atlas_fits,
+        atlas_weights,
+        class_intensities,
+        confidence,
+        transfer_labels,
+    )
+    from cctr.registration.grid import grid_map, identity
+
+    grid, fov = (6, 12, 16), (0.0, 0.0, 0.0)
+    rng = np.random.default_rng(0)
+    noise = 0.01 * torch.from_numpy(rng.standard_normal(grid)).float()
+
+    def atlas(name: str, x0: int, x1: int) -> Atlas:
+        lab = np.zeros(grid, np.uint8)
+        lab[:, 3:9, x0:x1] = 1
+        onehot = torch.from_numpy(np.stack([lab == 0, lab == 1])).float()
+        img = (0.2 + 0.6 * onehot[1] + noise)[None]
+        return Atlas(name, lab, (1.0, 1.0, 1.0), grid_map(grid, (1.0, 1.0, 1.0), grid, fov), img, onehot,
+                     *class_intensities(img, onehot))
+
+    good, bad = atlas("good", 2, 10), atlas("bad", 6, 14)
+    atlases, phis = {"good": good, "bad": bad}, {"good": identity(grid), "bad": identity(grid)}
+    target = Case("v", good.image[0].numpy(), None, (1.0, 1.0, 1.0))
+    fits = atlas_fits(phis, good.image, atlases)
+    weights = atlas_weights(fits)
+    disagree = good.label != bad.label
+    assert disagree.sum() > 0
+    y = transfer_labels(phis, target, atlases, 2, fov, weights)
+    assert np.array_equal(y, good.label)
+    plain = transfer_labels(phis, target, atlases, 2, fov)
+    assert not np.array_equal(plain[disagree], good.label[disagree])  # a tie goes to class 0
+    c = confidence(fits, weights)
+    equal = {lid: torch.full(grid, 0.5) for lid in phis}
+    assert float(c[torch.from_numpy(disagree)].mean()) > 0.8  # (the fit varies with the intensity noise)
+    assert float(confidence(fits, equal)[torch.from_numpy(disagree)].max()) <= 0.5
+    one = atlas_fits({"good": phis["good"]}, good.image, atlases)
+    w1 = atlas_weights(one)
+    assert torch.equal(w1["good"], torch.ones(grid))
+    assert torch.equal(confidence(one, w1), (one["good"][0].max(0).values * one["good"][1]).clamp(0, 1))
 
 
 def test_confidence_calibration_counts_dice_above_and_below(tmp_path):
     """Hand-made maps: y_reg right where c_reg is high, wrong where it is low -> Dice 1 vs 0."""
     from types import SimpleNamespace
 
-    from cctr.registration.apply import CONF_LEVELS, RegMaps, SliceStack, confidence_calibration
+    from cctr.registration.apply import (
+        CONF_LEVELS,
+        RegMaps,
+        SliceStack,
+        confidence_calibration,
+    )
 
     shape = (3, 8, 10)
     gt = np.zeros(shape, np.uint8)

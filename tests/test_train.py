@@ -247,3 +247,56 @@ def test_cli_runs_of_one_config_keep_their_own_checkpoints(registration_ready, s
     for o in outs:
         assert (Path(o["run_dir"]) / "best.pt").is_file()
         assert tracking.require_run(o["run_id"]).data.tags["checkpoint_dir"] == str(Path(o["run_dir"]).resolve())
+
+
+def test_fused_sgd_matches_the_reference_update_even_when_a_gradient_appears_late():
+    """`make_optimizer`'s fused SGD (momentum buffers started at zero) takes the same steps as torch's
+    plain SGD, also for a parameter whose first gradient comes after the others' (a projection head)."""
+    from cctr.config import TrainConfig
+    from cctr.train import make_optimizer
+
+    t = TrainConfig(lr=0.1, momentum=0.9, weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(5, 3, generator=g), torch.randn(4, generator=g)]
+    fused = [torch.nn.Parameter(p.clone()) for p in start]
+    plain = [torch.nn.Parameter(p.clone()) for p in start]
+    opt_f = make_optimizer(t, fused)
+    opt_p = torch.optim.SGD(plain, lr=0.1, momentum=0.9, weight_decay=0.01, foreach=False)
+    for step in range(4):
+        grads = [torch.randn(5, 3, generator=g), torch.randn(4, generator=g)]
+        for params, opt in ((fused, opt_f), (plain, opt_p)):
+            opt.zero_grad(set_to_none=True)
+            params[0].grad = grads[0].clone()
+            if step >= 2:  # the second parameter takes part from the third step on
+                params[1].grad = grads[1].clone()
+            opt.step()
+        for a, b in zip(fused, plain):
+            assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.equal(fused[1], start[1])  # it did move once it had gradients
+
+
+def test_rsl_crossed_reads_the_validation_curves():
+    """The crossover: some validation at which the nets' Dice reached y_reg's (on validation cases)."""
+    from cctr.train import rsl_crossed
+
+    below = [{"iteration": 80, "val_dice": 0.40, "val_reg_dice": 0.55}, {"iteration": 160, "val_dice": 0.54,
+                                                                         "val_reg_dice": 0.55}]
+    assert not rsl_crossed([]) and not rsl_crossed(below)
+    assert rsl_crossed(below + [{"iteration": 240, "val_dice": 0.55, "val_reg_dice": 0.55}])
+    assert not rsl_crossed([{"iteration": 80, "val_dice": 0.9}])  # no registration: never
+
+
+def test_crossover_schedule_follows_the_logged_validation_curves(registration_ready, tmp_path):
+    """`rsl_schedule: crossover`: the RSL weight logged at each step is w_rsl before the first validation
+    at which val_dice reached val_reg_dice (both logged), and 0 after it."""
+    res = train(tiny_cfg(method="cct+rsl", iters=12, val_every=4, rsl_schedule="crossover", w_rsl=0.5),
+                tmp_path / "x", progress=False)
+    c = tracking.client()
+    val = {h.step: h.value for h in c.get_metric_history(res.run_id, "val_dice")}
+    reg = {h.step: h.value for h in c.get_metric_history(res.run_id, "val_reg_dice")}
+    assert sorted(val) == sorted(reg) == [4, 8, 12]
+    logged = {h.step: h.value for h in c.get_metric_history(res.run_id, "w_rsl")}
+    assert sorted(logged) == [0, 10, 11]
+    for step, w in logged.items():
+        crossed = any(val[v] >= reg[v] for v in val if v <= step)
+        assert w == (0.0 if crossed else 0.5)

@@ -2,17 +2,22 @@
 
 For every labeled case L and every train/val/test case V, phi_{L->V} maps V's registration-grid voxels
 into L. From it:
-- `y_reg`: the atlases' one-hots, linearly warped to V's *native* grid and averaged, argmax (labels keep
-  the atlas' native detail). Computed a few slices at a time; stored uint8, one zlib blob per slice.
-- `c_reg` in [0,1], on V's registration grid: label agreement (max of the atlases' averaged warped
+- `y_reg`: the atlases' one-hots, linearly warped to V's *native* grid and fused by locally weighted
+  voting, argmax (labels keep the atlas' native detail). Computed a few slices at a time; stored uint8,
+  one zlib blob per slice.
+- `c_reg` in [0,1], on V's registration grid: label agreement (max of the atlases' weighted warped
   grid one-hots: soft within a grid cell of a boundary, and below 1 where atlases disagree) times image
   agreement after warping: how plausible V's intensity is for the class the atlas puts there, under
   that atlas' own per-class intensity model (sum_k p_k exp(-z_k^2 / 2), z_k the deviation from class
-  k's mean in its standard deviations), averaged over atlases. A misregistered voxel shows as liver
-  labelled over fat or air, which one-hot agreement alone cannot see. Measured on phantom-abdomen
-  validation cases (1 atlas, threshold 0.6): Dice of y_reg 0.58 where c_reg >= 0.6 (82 % of voxels)
-  vs 0.25 below; local NCC of the warped images (windows 5-29 grid voxels) separated far less
-  (e.g. 0.40 vs 0.31 with 22 % above) and was left out.
+  k's mean in its standard deviations). A misregistered voxel shows as liver labelled over fat or
+  air, which one-hot agreement alone cannot see. Measured on phantom-abdomen validation cases (1
+  atlas, threshold 0.6): Dice of y_reg 0.58 where c_reg >= 0.6 (82 % of voxels) vs 0.25 below; local
+  NCC of the warped images (windows 5-29 grid voxels) separated far less (e.g. 0.40 vs 0.31 with 22 %
+  above) and was left out.
+- Several atlases are weighted voxel by voxel by that same image agreement (locally weighted voting,
+  as in multi-atlas segmentation). A plain average of two atlases ties wherever they disagree, the tie
+  went to class 0, and the confidence there was 1/2 whichever atlas was right: y_reg lost organs and
+  c_reg ranked it the wrong way round (validation Dice above the threshold below the Dice under it).
 - `coords`: phi_{L*->V} in mm of the reference labeled case L* = labeled[0], on V's registration grid.
 `c_reg` and `coords` are smooth at the grid's resolution, so they are stored there with V's native<->grid
 map and interpolated where a slice is read (`cctr.data.slices.GridField`): interpolating phi on the grid
@@ -57,7 +62,8 @@ from cctr.registration.grid import (
 from cctr.registration.net import RegNet, register_pair
 from cctr.registration.train import check_config, device, find_checkpoint, load_model
 
-MAPS_VERSION = 2
+MAPS_VERSION = 3  # 3: several atlases are fused by locally weighted voting
+FIT_FLOOR = 1e-3  # keeps an atlas' weight positive where no atlas fits the intensity (then: plain average)
 CONF_LEVELS = 255  # c_reg is stored as uint8: steps of 1/255 are far below its own uncertainty
 NATIVE_CHUNK_VOXELS = 1 << 21  # native voxels warped at once: bounded memory whatever the volume size
 
@@ -220,22 +226,47 @@ class Registrar:
         return p[0].cpu()
 
 
+def atlas_fits(phis: dict[str, torch.Tensor], target_image: torch.Tensor, atlases: dict[str, Atlas]
+               ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per atlas, on the target's grid: its warped one-hot [C,*grid] and how plausible the target's
+    intensity is for the class it puts at each voxel [*grid] (module docstring)."""
+    out = {}
+    t = target_image[0]
+    for lid, phi in phis.items():
+        a = atlases[lid]
+        p = sample(a.onehot[None], phi[None])[0]
+        z = (t[None] - a.class_mean.view(-1, 1, 1, 1)) / a.class_std.view(-1, 1, 1, 1)
+        out[lid] = (p, (p * torch.exp(-0.5 * z * z)).sum(0))
+    return out
+
+
+def atlas_weights(fits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Locally weighted voting (multi-atlas segmentation): each atlas counts, voxel by voxel, in
+    proportion to how well its label fits the target's intensity there, so a misregistered atlas is
+    outvoted where it is wrong instead of tying with the right one. Normalised to sum 1 per voxel."""
+    w = {lid: f + FIT_FLOOR for lid, (_, f) in fits.items()}
+    total = sum(w.values())
+    return {lid: v / total for lid, v in w.items()}
+
+
 def transfer_labels(phis: dict[str, torch.Tensor], target: Case, atlases: dict[str, Atlas], num_classes: int,
-                    fov_mm: tuple[float, ...]) -> np.ndarray:
-    """y_reg uint8 [Z,H,W] on the target's native grid: argmax of the atlases' averaged warped one-hots.
+                    fov_mm: tuple[float, ...], weights: dict[str, torch.Tensor] | None = None) -> np.ndarray:
+    """y_reg uint8 [Z,H,W] on the target's native grid: argmax of the atlases' warped one-hots, averaged
+    with `weights` (grid maps from `atlas_weights`; equal weights without).
 
     Labels are sampled at each atlas' own native resolution (no label detail lost to the grid); the
-    target is processed a few slices at a time, so memory stays bounded on 512 x 512 CT. phi is
-    brought to the native grid separably (the grid <-> native map is per axis), and the one-hot
-    interpolation is only evaluated where a voxel's neighbouring atlas labels differ.
+    target is processed a few slices at a time, so memory stays bounded on 512 x 512 CT. phi (and each
+    atlas' weight map) is brought to the native grid separably (the grid <-> native map is per axis),
+    and the one-hot interpolation is only evaluated where a voxel's neighbouring atlas labels differ.
     """
     z, h, w = target.shape
     grid = tuple(next(iter(phis.values())).shape[1:])
     tmap = case_map(target, grid, fov_mm)  # type: ignore[arg-type]
     mz, my, mx = (interp_matrix(n, g, float(tmap.scale[ax]), float(tmap.offset[ax]))
                   for ax, (n, g) in enumerate(zip((z, h, w), grid)))
-    # per atlas, phi at every native slice, still on the grid in-plane: [3,Z,Hg,Wg] (small)
+    # per atlas, phi (and its weight) at every native slice, still on the grid in-plane: [3,Z,Hg,Wg] (small)
     planes = {lid: torch.einsum("zk,ckhw->czhw", mz, phi) for lid, phi in phis.items()}
+    wplanes = {lid: torch.einsum("zk,khw->zhw", mz, wt) for lid, wt in (weights or {}).items()}
     out = np.empty((z, h, w), np.uint8)
     step = max(1, NATIVE_CHUNK_VOXELS // (h * w))
     for z0 in range(0, z, step):
@@ -244,34 +275,28 @@ def transfer_labels(phis: dict[str, torch.Tensor], target: Case, atlases: dict[s
         for lid, plane in planes.items():
             a = atlases[lid]
             pos = my @ plane[:, z0:z0 + k] @ mx.T  # [3,k,H,W] positions on the atlas' grid
-            corners.append(neighbours(a.label, a.map.to_native(pos)))
+            wt = (my @ wplanes[lid][z0:z0 + k] @ mx.T).reshape(-1) if lid in wplanes else None
+            corners.append((*neighbours(a.label, a.map.to_native(pos)), wt))
         first = corners[0][0][0]
-        uniform = torch.stack([(lab == first).all(0) for lab, _ in corners]).all(0)
+        uniform = torch.stack([(lab == first).all(0) for lab, _, _ in corners]).all(0)
         y = first.clone()
         mixed = (~uniform).nonzero().squeeze(1)
         if mixed.numel():
             probs = torch.zeros(num_classes, mixed.numel())
-            for lab, frac in corners:
-                probs.scatter_add_(0, lab[:, mixed].long(), corner_weights(frac[:, mixed]))
+            for lab, frac, wt in corners:
+                cw = corner_weights(frac[:, mixed])
+                probs.scatter_add_(0, lab[:, mixed].long(), cw if wt is None else cw * wt[mixed])
             y[mixed] = probs.argmax(0).to(torch.uint8)
         out[z0:z0 + k] = y.reshape(k, h, w).numpy()
     return out
 
 
-def confidence(phis: dict[str, torch.Tensor], target_image: torch.Tensor, atlases: dict[str, Atlas]) -> torch.Tensor:
-    """c_reg [*grid] in [0,1]: label agreement x image agreement after warping (module docstring)."""
-    probs, fit = None, None
-    t = target_image[0]
-    for lid, phi in phis.items():
-        a = atlases[lid]
-        p = sample(a.onehot[None], phi[None])[0]
-        z = (t[None] - a.class_mean.view(-1, 1, 1, 1)) / a.class_std.view(-1, 1, 1, 1)
-        f = (p * torch.exp(-0.5 * z * z)).sum(0)
-        probs = p if probs is None else probs + p
-        fit = f if fit is None else fit + f
-    assert probs is not None and fit is not None
-    agree = (probs / len(phis)).max(0).values
-    return (agree * fit / len(phis)).clamp(0, 1)
+def confidence(fits: dict[str, tuple[torch.Tensor, torch.Tensor]], weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """c_reg [*grid] in [0,1]: label agreement (max of the weighted one-hots) x image agreement (the
+    weighted fits); with one atlas, the max of its warped one-hot times its fit."""
+    probs = sum(weights[lid] * p for lid, (p, _) in fits.items())
+    fit = sum(weights[lid] * f for lid, (_, f) in fits.items())
+    return (probs.max(0).values * fit).clamp(0, 1)
 
 
 def reference_coords(phi: torch.Tensor, atlas: Atlas) -> torch.Tensor:
@@ -285,8 +310,10 @@ def fuse(phis: dict[str, torch.Tensor], target: Case, target_image: torch.Tensor
     """Everything stored for one target, from the maps phi_{L->target} of every labeled case L."""
     grid = tuple(next(iter(phis.values())).shape[1:])
     tmap = case_map(target, grid, cfg.fov_mm)  # type: ignore[arg-type]
-    y = transfer_labels(phis, target, atlases, num_classes, cfg.fov_mm)
-    c = confidence(phis, target_image, atlases)
+    fits = atlas_fits(phis, target_image, atlases)
+    weights = atlas_weights(fits)
+    y = transfer_labels(phis, target, atlases, num_classes, cfg.fov_mm, weights if len(phis) > 1 else None)
+    c = confidence(fits, weights)
     data, offsets = SliceStack.pack(y)
     return {"y_reg_data": data, "y_reg_offsets": offsets, "shape": np.asarray(target.shape, np.int64),
             "scale": tmap.scale.numpy(), "offset": tmap.offset.numpy(),

@@ -22,6 +22,8 @@ from cctr.errors import CctrError
 from cctr.metrics import dice_per_class
 from cctr.registration.apply import (
     Registrar,
+    atlas_fits,
+    atlas_weights,
     confidence_calibration,
     registration_maps,
     transfer_labels,
@@ -98,8 +100,9 @@ def registration_report(dataset: str, cfg: RegistrationConfig, n_labeled: int, s
             ident = {lid: identity(tuple(cfg.grid)) for lid in split.labeled}
             fov = reg.cfg.fov_mm
             dice["reg"].append(dice_per_class(maps.y_reg(vid), target.label, C))
-            dice["identity"].append(dice_per_class(transfer_labels(ident, target, atlases, C, fov), target.label, C))
-            dice["tvl1"].append(dice_per_class(transfer_labels(tv, target, atlases, C, fov), target.label, C))
+            for key, phis in (("identity", ident), ("tvl1", tv)):  # fused as the model's maps are
+                w = atlas_weights(atlas_fits(phis, reg.image(vid), atlases)) if len(phis) > 1 else None
+                dice[key].append(dice_per_class(transfer_labels(phis, target, atlases, C, fov, w), target.label, C))
             if bar:
                 bar.advance(task)
     n_pairs = len(val) * len(split.labeled)
