@@ -84,8 +84,9 @@ class TrainConfig:
     w_rsl: float = 1.0
     # "constant" | "ramp" (up, like w_ct) | "decay" (w_rsl·(1 − ramp): hands over to cross-teaching as it
     # ramps up) | "crossover" (w_rsl until the nets' validation Dice reaches y_reg's, then 0).
-    # Registration labels help most early, when pseudo-labels are poor (DESIGN §4)
-    rsl_schedule: str = "constant"
+    # Registration labels help most early, when pseudo-labels are poor (DESIGN §4); "crossover" stops
+    # RSL where the nets no longer need it (README: validation Dice as "constant", 2-labeled rows above sup)
+    rsl_schedule: str = "crossover"
     # RSL yields where both nets agree on another class than y_reg, each at least this sure (> 1: never)
     rsl_yield_conf: float = 0.9
     w_con: float = 0.1
