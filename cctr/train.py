@@ -528,7 +528,7 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
     window: dict[str, float] = {}
     reg_dice: dict[str, float] = {}
     crossed = rsl_crossed(state.history)  # a resumed run continues where it was
-    for n in nets:  # back in training mode after each validation (a walk over every module: not per step)
+    for n in nets:  # once here and after each validation (a walk over every module: not per step)
         n.train()
     try:
         for batch in batches:
@@ -570,8 +570,6 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
             if state.iteration % t.val_every == 0 or state.iteration == t.iters:
                 last_val = _validate(cfg, nets, data, run, state, device, reg_dice if method.unlabeled else None)
                 crossed = rsl_crossed(state.history)
-                for n in nets:
-                    n.train()
                 if state.best_iter == state.iteration:
                     save_checkpoint(best_path, weights_payload(cfg, nets, state, run.run_id))
                 if on_validation is not None:
@@ -616,6 +614,8 @@ def _validate(cfg, nets, data: RunData, run, state: StepState, device, reg_dice:
     metrics["val_best_dice"] = state.best_dice
     run.log_metrics(metrics, state.iteration)
     state.history.append({"iteration": state.iteration, **metrics})
+    for n in nets:  # back to training: validation is only ever called from the loop
+        n.train()
     return val
 
 

@@ -312,7 +312,7 @@ def fuse(phis: dict[str, torch.Tensor], target: Case, target_image: torch.Tensor
     tmap = case_map(target, grid, cfg.fov_mm)  # type: ignore[arg-type]
     fits = atlas_fits(phis, target_image, atlases)
     weights = atlas_weights(fits)
-    y = transfer_labels(phis, target, atlases, num_classes, cfg.fov_mm, weights if len(phis) > 1 else None)
+    y = transfer_labels(phis, target, atlases, num_classes, cfg.fov_mm, weights)
     c = confidence(fits, weights)
     data, offsets = SliceStack.pack(y)
     return {"y_reg_data": data, "y_reg_offsets": offsets, "shape": np.asarray(target.shape, np.int64),

@@ -101,7 +101,7 @@ def registration_report(dataset: str, cfg: RegistrationConfig, n_labeled: int, s
             fov = reg.cfg.fov_mm
             dice["reg"].append(dice_per_class(maps.y_reg(vid), target.label, C))
             for key, phis in (("identity", ident), ("tvl1", tv)):  # fused as the model's maps are
-                w = atlas_weights(atlas_fits(phis, reg.image(vid), atlases)) if len(phis) > 1 else None
+                w = atlas_weights(atlas_fits(phis, reg.image(vid), atlases))
                 dice[key].append(dice_per_class(transfer_labels(phis, target, atlases, C, fov, w), target.label, C))
             if bar:
                 bar.advance(task)
