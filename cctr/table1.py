@@ -266,6 +266,9 @@ def _run_parallel(tasks_list: list[dict], jobs: int, threads: int, log: Callable
 
     ctx = mp.get_context("spawn")
     tq, rq = ctx.Queue(), ctx.Queue()
+    # the tasks outgrow a pipe's buffer: without this, a parent interrupted with tasks still queued
+    # waits at exit for a feeder thread that no worker will ever drain (hung after Ctrl-C or SIGTERM)
+    tq.cancel_join_thread()
     for t in tasks_list:
         tq.put(t)
     for _ in range(jobs):

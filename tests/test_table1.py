@@ -246,6 +246,32 @@ def test_parallel_interrupted_table_resumes_to_the_identical_table(tmp_path, mon
     assert sum("done already" in m for m in logs) == 6 and not any("training" in m for m in logs)
 
 
+QUEUED = """
+from cctr import table1, workers
+def interrupted(*a, **k):
+    raise KeyboardInterrupt
+workers.spawn = interrupted  # Ctrl-C before any worker took a task
+tasks = [{"index": i, "pad": "x" * 8192} for i in range(64)]  # 512 KiB: more than a pipe buffer holds
+try:
+    table1._run_parallel(tasks, 2, 1, print, [str(i) for i in range(64)])
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_interrupted_parent_exits_with_tasks_still_queued():
+    """The table's parent, interrupted while most cells are still queued, exits instead of waiting
+    forever for the task queue to drain (it hung after SIGTERM with 60 cells queued)."""
+    child = subprocess.Popen([sys.executable, "-c", QUEUED], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = child.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        raise AssertionError("the interrupted parent did not exit") from None
+    assert "interrupted" in out, out
+
+
 def test_missing_registration_model_fails_before_any_worker(tmp_path, monkeypatch, session_dirs):
     monkeypatch.setenv("CCTR_CACHE", str(tmp_path / "cache"))  # no registration model in this cache
     spec = tiny_spec(tmp_path, "table1_noreg", methods=["cctr"], seeds=[0])
