@@ -6,28 +6,30 @@ from __future__ import annotations
 import csv
 import json
 
-from tests.helpers import TINY, cli, write_yaml
+from tests.helpers import TINY, cli, cli_inprocess, write_yaml
 
 REG = ["--set", "registration.grid=[8,32,32]", "--set", "registration.iters=3", "--set",
        "registration.ncc_window=3"]
 
 
-def test_register_train_apply_report(tmp_path):
+def test_register_train_apply_report(tmp_path, capsys):
+    """In this process: five CLI calls as child processes spent most of their time importing torch."""
     cfg = write_yaml(tmp_path / "cfg.yaml", TINY)
     base = ["--dataset", "phantom-cardiac", "--config", str(cfg), *REG]
-    p = cli("register", "train", *base, "--json", timeout=300)
-    assert p.returncode == 0, p.stderr
-    ckpt = json.loads(p.stdout)["checkpoint"]
+
+    def run(*args: str) -> tuple[str, str]:
+        code, out, err = cli_inprocess(capsys, *args)
+        assert code == 0, err
+        return out, err
+
+    ckpt = json.loads(run("register", "train", *base, "--json")[0])["checkpoint"]
     assert ckpt.endswith(".pt")
-    p = cli("register", "apply", *base, "--labeled", "1", "--json", timeout=300)
-    assert p.returncode == 0, p.stderr
-    maps = json.loads(p.stdout)
+    maps = json.loads(run("register", "apply", *base, "--labeled", "1", "--json")[0])
     assert maps["cases"] == 12 and 0 < maps["mean_c_reg"] <= 1  # every case of the phantom
-    p = cli("register", "report", *base, "--labeled", "1", timeout=300)
-    assert p.returncode == 0, p.stderr
-    assert "mean Dice" in p.stdout and "TV-L1" in p.stdout and ckpt in p.stderr.replace("\n", "")
+    out, err = run("register", "report", *base, "--labeled", "1")
+    assert "mean Dice" in out and "TV-L1" in out and ckpt in err.replace("\n", "")
     # another labeled case (Table 1's seeds) with the same registration net and split
-    reps = [json.loads(cli("register", "report", *base, "--labeled", "1", *ls, "--json", timeout=300).stdout)
+    reps = [json.loads(run("register", "report", *base, "--labeled", "1", *ls, "--json")[0])
             for ls in ([], ["--labeled-seed", "1"])]
     assert reps[1]["labeled_seed"] == 1 and reps[0]["atlases"] != reps[1]["atlases"]
     assert reps[0]["pairs"] == reps[1]["pairs"] and reps[0]["dice_identity"] != reps[1]["dice_identity"]

@@ -10,7 +10,7 @@ import pytest
 
 from cctr import tracking
 from cctr.evaluate import evaluate
-from tests.helpers import cli, cli_inprocess
+from tests.helpers import cli_inprocess
 from tests.test_train import tiny_cfg
 
 
@@ -42,7 +42,7 @@ def _write(path, data, affine):
     nib.save(nib.Nifti1Image(data, affine), str(path))
 
 
-def test_predict_roundtrip_any_orientation(checkpoint, tmp_path):
+def test_predict_roundtrip_any_orientation(checkpoint, tmp_path, capsys):
     """Output on the input's own grid, same affine; a permuted/flipped copy gives the same labels."""
     path, _ = checkpoint
     rng = np.random.default_rng(0)
@@ -56,8 +56,8 @@ def test_predict_roundtrip_any_orientation(checkpoint, tmp_path):
     flip[:3, 3] = [39, 35, 0]
     aff2 = aff @ flip @ perm
     _write(tmp_path / "lps.nii.gz", lps, aff2)
-    p = cli("predict", str(path), str(tmp_path), "-o", str(tmp_path / "out"), timeout=300)
-    assert p.returncode == 0, p.stderr
+    code, _, err = cli_inprocess(capsys, "predict", str(path), str(tmp_path), "-o", str(tmp_path / "out"))
+    assert code == 0, err
     o1 = nib.load(tmp_path / "out" / "ras.nii.gz")
     o2 = nib.load(tmp_path / "out" / "lps.nii.gz")
     assert o1.shape == ras.shape and np.allclose(o1.affine, aff)
@@ -88,9 +88,9 @@ def test_predict_and_evaluate_bad_input(checkpoint, tmp_path, capsys):
     assert not list(tmp_path.glob("o[0-9]*")) and not list(tmp_path.glob(".o[0-9]*"))
 
 
-def test_evaluate_json_cli(checkpoint):
+def test_evaluate_json_cli(checkpoint, capsys):
     path, res = checkpoint
-    p = cli("evaluate", str(path), "--json", "--split", "val", timeout=300)
-    assert p.returncode == 0, p.stderr
-    out = json.loads(p.stdout)
+    code, stdout, err = cli_inprocess(capsys, "evaluate", str(path), "--json", "--split", "val")
+    assert code == 0, err
+    out = json.loads(stdout)
     assert 0 <= out["dice"] <= 1 and out["run_id"] == res.run_id

@@ -13,7 +13,7 @@ from cctr import tracking
 from cctr.config import RunConfig, apply_overrides, from_dict
 from cctr.errors import CctrError
 from cctr.sweep import load_space, parse_labeled, run_sweep
-from tests.helpers import TINY, TINY_SPACE, cli, popen_cli, write_yaml
+from tests.helpers import TINY, TINY_SPACE, cli, cli_inprocess, popen_cli, write_yaml
 
 
 @pytest.fixture
@@ -159,26 +159,26 @@ def _tiny_ct(path):
     return write_yaml(path, tiny)
 
 
-def test_cli_sweep_outside_repo_finds_default_space(fresh_store):
+def test_cli_sweep_outside_repo_finds_default_space(fresh_store, monkeypatch, capsys):
     """`--space` defaults to the repo's sweeps/default.yaml wherever the command is started."""
     cfg = _tiny_ct(fresh_store / "cfg.yaml")
-    p = cli("sweep", "--config", str(cfg), "--labeled", "1", "--trials", "1", "--json", cwd=fresh_store,
-            timeout=300)
-    assert p.returncode == 0, p.stderr
-    (study,) = json.loads(p.stdout)["studies"]
+    monkeypatch.chdir(fresh_store)
+    code, out, err = cli_inprocess(capsys, "sweep", "--config", str(cfg), "--labeled", "1", "--trials", "1", "--json")
+    assert code == 0, err
+    (study,) = json.loads(out)["studies"]
     assert study["study_name"] == "phantom-cardiac-l1-default" and study["n_complete"] + study["n_pruned"] == 1
 
 
 @pytest.mark.parametrize("args,message", [(["--labeled", "1,50"], "50 labeled"),
                                           (["--set", "data.size=48"], "multiple of 32")])
-def test_cli_failed_sweep_leaves_nothing(fresh_store, args, message):
+def test_cli_failed_sweep_leaves_nothing(fresh_store, args, message, monkeypatch, capsys):
     """Bad input found at the start: one line, exit 2, and no optuna.db, study or MLflow run."""
     cfg = _tiny_ct(fresh_store / "cfg.yaml")
-    p = cli("sweep", "--config", str(cfg), "--labeled", "1", "--trials", "1", *args, cwd=fresh_store,
-            timeout=300)
-    assert p.returncode == 2, p.stderr
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in p.stderr, p.stderr
+    monkeypatch.chdir(fresh_store)
+    code, _, err = cli_inprocess(capsys, "sweep", "--config", str(cfg), "--labeled", "1", "--trials", "1", *args)
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0], err
     assert not (fresh_store / "mlruns" / "optuna.db").exists()
     assert tracking.find_runs("phantom-cardiac") == []
 

@@ -14,7 +14,7 @@ from cctr import tracking
 from cctr.config import RunConfig, apply_overrides, from_dict
 from cctr.errors import CctrError
 from cctr.train import METHODS, Contrast, contrastive_term, train
-from tests.helpers import TINY, cli, write_yaml
+from tests.helpers import TINY, cli_inprocess, write_yaml
 
 
 def tiny_cfg(**train_overrides) -> RunConfig:
@@ -223,14 +223,13 @@ def test_bad_input_no_running_run(fresh_store, sets, msg):
     assert not [r for r in tracking.find_runs("phantom-cardiac") if r.info.status == "RUNNING"]
 
 
-def test_cli_needs_registration_names_command(fresh_store, monkeypatch):
+def test_cli_needs_registration_names_command(fresh_store, monkeypatch, capsys):
     monkeypatch.setenv("CCTR_CACHE", str(fresh_store / "cache"))  # no registration trained here
     cfg = write_yaml(fresh_store / "cfg.yaml", TINY)
-    p = cli("train", "--config", str(cfg), "--method", "cctr", "--json", timeout=300)
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert "cctr register train" in p.stderr and len(p.stderr.strip().splitlines()) == 1
-    p = cli("train", "--config", str(cfg), "--set", "train.w_con=-0.5", timeout=300)
-    assert p.returncode == 2 and "w_con must be >= 0" in p.stderr
+    code, _, err = cli_inprocess(capsys, "train", "--config", str(cfg), "--method", "cctr", "--json")
+    assert code == 2 and "cctr register train" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli_inprocess(capsys, "train", "--config", str(cfg), "--set", "train.w_con=-0.5")
+    assert code == 2 and "w_con must be >= 0" in err
     assert not [r for r in tracking.find_runs("phantom-cardiac") if r.info.status == "RUNNING"]
 
 
