@@ -62,6 +62,8 @@ class ModelConfig:
     # `decoder_segmentation_channels`; the presets keep smp's defaults (narrower ones cost Dice: README)
     decoder_a: tuple[int, ...] = ()
     decoder_b: int = 0
+    # net A's encoder stages (smp's `encoder_depth`; `decoder_a` then needs as many widths)
+    depth_a: int = 5
 
 
 @dataclass

@@ -133,3 +133,15 @@ def test_projection_head_loads_checkpoints_of_the_1x1_conv_layout() -> None:
                    * bn.weight + bn.bias)
     ref = torch.nn.functional.normalize(conv2(h[:, :, None, None]).flatten(1), dim=1)
     assert torch.allclose(head(x), ref, atol=1e-6)
+
+
+def test_shallower_unet_encoder() -> None:
+    """`model.depth_a=4` stops net A's encoder at 1/16 (a 4 px bottleneck at 64 px, nnU-Net's smallest
+    feature map) with one decoder width per stage; a width count that does not match is one clear line."""
+    a, _ = build_nets(ModelConfig(depth_a=4, decoder_a=(128, 64, 32, 16)), 4)
+    assert a.stride == 16
+    out = a(torch.randn(2, 1, 48, 48))  # a multiple of 16, not of 32
+    assert out["logits"].shape == (2, 4, 48, 48) and out["feat"].shape == (2, 16, 48, 48)
+    with pytest.raises(CctrError, match="depth is 4") as e:
+        build_nets(ModelConfig(depth_a=4), 4)
+    assert "\n" not in str(e.value)

@@ -188,7 +188,7 @@ def _sweep_args(cfg, space, storage, trials, *extra):
             str(trials), "--space", str(space), "--storage", storage, "--json", *extra]
 
 
-def test_killed_worker_trial_fails_and_is_retried(fresh_store):
+def test_killed_worker_trial_fails_and_is_retried(fresh_store, capsys):
     """SIGKILL a worker mid-trial; re-running finishes the study, the killed trial FAIL, no run RUNNING."""
     tiny = json.loads(json.dumps(TINY))
     tiny["train"].update(method="ct", iters=12, val_every=4)
@@ -214,8 +214,8 @@ def test_killed_worker_trial_fails_and_is_retried(fresh_store):
         worker.wait()
     assert tracking.client().get_run(victim.user_attrs["mlflow_run_id"]).info.status == "RUNNING"
     time.sleep(3)  # let the heartbeat go stale (grace = 2 x 1 s)
-    p = cli(*_sweep_args(cfg, space, storage, 2, "--heartbeat", "1"), timeout=600)
-    assert p.returncode == 0, p.stderr
+    code, _, err = cli_inprocess(capsys, *_sweep_args(cfg, space, storage, 2, "--heartbeat", "1", "--jobs", "1"))
+    assert code == 0, err
     study = optuna.load_study(study_name="phantom-cardiac-l1-space", storage=storage)
     states = {t.number: t.state for t in study.get_trials()}
     assert states[victim.number] == optuna.trial.TrialState.FAIL
