@@ -58,12 +58,12 @@ class ModelConfig:
     encoder_b: str = "mit_b0"
     encoder_weights: str | None = None
     proj_dim: int = 64
-    # decoder widths (empty / 0: smp's defaults): net A's U-Net `decoder_channels`, net B's SegFormer
-    # `decoder_segmentation_channels`; the presets keep smp's defaults (narrower ones cost Dice: README)
+    # empty / 0: smp's defaults. Decoder widths: net A's U-Net `decoder_channels`, net B's SegFormer
+    # `decoder_segmentation_channels`; net A's encoder stages `encoder_depth` (`decoder_a` then needs as
+    # many widths). The presets keep smp's defaults (narrower or shallower nets cost Dice: README)
     decoder_a: tuple[int, ...] = ()
     decoder_b: int = 0
-    # net A's encoder stages (smp's `encoder_depth`; `decoder_a` then needs as many widths)
-    depth_a: int = 5
+    depth_a: int = 0
 
 
 @dataclass

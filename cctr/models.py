@@ -153,7 +153,7 @@ def _create(arch: str, encoder: str, num_classes: int, weights: str | None, kwar
 def build_nets(cfg: ModelConfig, num_classes: int) -> tuple[SegNet, SegNet]:
     """Net A (default CNN U-Net/resnet18) and net B (default SegFormer/mit_b0), as the config says."""
     ka = {"decoder_channels": tuple(cfg.decoder_a)} if cfg.decoder_a else {}
-    if cfg.depth_a != 5:
+    if cfg.depth_a:
         ka["encoder_depth"] = cfg.depth_a
     kb = {"decoder_segmentation_channels": cfg.decoder_b} if cfg.decoder_b else {}
     a = SegNet(cfg.arch_a, cfg.encoder_a, num_classes, cfg.proj_dim, cfg.encoder_weights, **ka)

@@ -13,7 +13,8 @@ REG = ["--set", "registration.grid=[8,32,32]", "--set", "registration.iters=3", 
 
 
 def test_register_train_apply_report(tmp_path, capsys):
-    """In this process: five CLI calls as child processes spent most of their time importing torch."""
+    """Registration train, apply and report through the CLI (in this process: a child per call spent
+    most of its time importing torch); a second labeled seed reuses the net and the split."""
     cfg = write_yaml(tmp_path / "cfg.yaml", TINY)
     base = ["--dataset", "phantom-cardiac", "--config", str(cfg), *REG]
 
