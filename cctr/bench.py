@@ -34,7 +34,7 @@ def bench_phantom() -> dict:
 def bench_step(repeats: int = 7, size: int | None = None) -> dict:
     """Quick-preset training steps of `ct` and `cctr` beside the floor (median seconds).
 
-    The floor is what no method can avoid: both nets' forward + backward + SGD step on the batch.
+    The floor is what no method can avoid: both nets' forward + backward + optimizer step on the batch.
     `step_overhead` (cctr/ct) is what contrast, REPS, the memory banks and RSL add on top of
     cross-teaching; registration maps are precomputed, so they cost nothing per step.
     """
@@ -73,7 +73,7 @@ def bench_step(repeats: int = 7, size: int | None = None) -> dict:
     torch.manual_seed(0)
     nets = build_nets(cfg.model, C)
     params = [p for n in nets for p in n.parameters()]
-    opt = make_optimizer(t, params)  # the training loop's optimizer (fused SGD)
+    opt = make_optimizer(t, params)  # the quick preset's optimizer, fused as in training
     cpu = torch.device("cpu")
     amp = amp_dtype(t.amp, cpu)
 

@@ -72,7 +72,8 @@ class TrainConfig:
     iters: int = 1000
     batch_labeled: int = 4
     batch_unlabeled: int = 4
-    optimizer: str = "sgd"  # "sgd" | "adamw"
+    # "sgd" (SSL4MIS; the paper preset) | "adamw" (the phantoms' quick preset: it converges in fewer iterations)
+    optimizer: str = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4

@@ -405,7 +405,8 @@ class TrainResult:
 
 def weights_payload(cfg: RunConfig, nets, state: StepState, run_id: str | None) -> dict:
     """What evaluation and prediction need (the best-val file): weights and config only, half the
-    bytes of a resumable checkpoint since SGD momentum is as large as the weights."""
+    bytes of a resumable checkpoint since SGD momentum is as large as the weights (a third with AdamW's
+    two moments)."""
     return {
         "format": CKPT_FORMAT, "config": to_dict(cfg), "iteration": state.iteration,
         "state_a": nets[0].state_dict(), "state_b": nets[1].state_dict(),

@@ -248,19 +248,22 @@ def test_cli_runs_of_one_config_keep_their_own_checkpoints(registration_ready, s
         assert tracking.require_run(o["run_id"]).data.tags["checkpoint_dir"] == str(Path(o["run_dir"]).resolve())
 
 
-def test_fused_sgd_matches_the_reference_update_even_when_a_gradient_appears_late():
-    """`make_optimizer`'s fused SGD (momentum buffers started at zero) takes the same steps as torch's
-    plain SGD, also for a parameter whose first gradient comes after the others' (a projection head)."""
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_fused_optimizer_matches_the_reference_update_even_when_a_gradient_appears_late(name):
+    """`make_optimizer`'s fused SGD (momentum buffers started at zero) and fused AdamW take the same steps
+    as torch's plain loops, also for a parameter whose first gradient comes after the others' (a
+    projection head)."""
     from cctr.config import TrainConfig
     from cctr.train import make_optimizer
 
-    t = TrainConfig(lr=0.1, momentum=0.9, weight_decay=0.01)
+    t = TrainConfig(optimizer=name, lr=0.1, momentum=0.9, weight_decay=0.01)
     g = torch.Generator().manual_seed(0)
     start = [torch.randn(5, 3, generator=g), torch.randn(4, generator=g)]
     fused = [torch.nn.Parameter(p.clone()) for p in start]
     plain = [torch.nn.Parameter(p.clone()) for p in start]
     opt_f = make_optimizer(t, fused)
-    opt_p = torch.optim.SGD(plain, lr=0.1, momentum=0.9, weight_decay=0.01, foreach=False)
+    opt_p = (torch.optim.SGD(plain, lr=0.1, momentum=0.9, weight_decay=0.01, foreach=False) if name == "sgd"
+             else torch.optim.AdamW(plain, lr=0.1, weight_decay=0.01, foreach=False))
     for step in range(4):
         grads = [torch.randn(5, 3, generator=g), torch.randn(4, generator=g)]
         for params, opt in ((fused, opt_f), (plain, opt_p)):
