@@ -17,9 +17,13 @@ from cctr.errors import CctrError
 from cctr.registration import apply as reg_apply
 from cctr.registration import train as reg_train
 from cctr.registration.apply import maps_dir, registration_maps
-from cctr.registration.train import checkpoint_path, load_model, train_registration
+from cctr.registration.grid import identity
+from cctr.registration.net import register_pair
+from cctr.registration.train import checkpoint_path, load_model, refine_pair, train_registration
 
-TINY = RegistrationConfig(grid=(8, 16, 16), channels=(4, 8, 8), int_steps=3, iters=4, batch_size=1, lr=1e-3)
+# the net alone (refine_iters 0): a 4-iteration model is the fixture; instance optimisation has its own test
+TINY = RegistrationConfig(grid=(8, 16, 16), channels=(4, 8, 8), int_steps=3, iters=4, batch_size=1, lr=1e-3,
+                          refine_iters=0)
 TOY, OTHER = "regtoy", "regtoy2"
 
 
@@ -133,9 +137,40 @@ def test_maps_shapes_range_and_cache_reuse(toy, monkeypatch):
     assert np.array_equal(again.y_reg(split.test[0]), maps.y_reg(split.test[0]))
 
 
+def test_instance_optimisation_fits_the_pair_and_leaves_the_model(toy):
+    """refine_iters 0 is the net alone, bit for bit; refinement lowers the pair's own objective without
+    touching the weights; the model's key ignores the setting, the maps' key does not."""
+    ds, split = load_dataset(TOY), toy["split"]
+    model, ck = load_model(toy["ckpt"], TOY, TINY.grid)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    reg = reg_apply.Registrar(ds, model, TINY)
+    mov, fix = reg.image(split.labeled[0])[None], reg.image(split.val[0])[None]
+    net_phi = register_pair(model, mov, fix)[0].detach()
+    off = TINY
+    assert torch.equal(refine_pair(model, mov, fix, None, off), net_phi)
+
+    def cost(cfg, phi):
+        sim, smooth = reg_train.objective(cfg, mov, fix, phi, phi - identity(TINY.grid)[None])
+        return float(sim + cfg.refine_smooth * cfg.lambda_smooth * smooth)
+
+    on = dataclasses.replace(TINY, refine_iters=15, refine_lr=0.2, refine_smooth=2.0)
+    refined = refine_pair(model, mov, fix, None, on)
+    assert cost(on, refined) < cost(on, net_phi) - 1e-3
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert reg_train.model_key(TOY, on, split) == reg_train.model_key(TOY, off, split)
+    others = (dataclasses.replace(on, refine_lr=0.1), dataclasses.replace(on, refine_smooth=1.0))
+    assert len({maps_dir(TOY, toy["ckpt"], split, c) for c in (off, on, *others)}) == 4
+    maps = registration_maps(TOY, on, split)  # the maps are made with it
+    assert maps.root == maps_dir(TOY, toy["ckpt"], split, on) and not maps.reused
+    assert all(np.isfinite(maps[c].coords.values).all() for c in maps)
+    for bad in ({"refine_iters": -1}, {"refine_lr": 0.0}, {"refine_smooth": -1.0}):
+        with pytest.raises(CctrError, match="refine_iters must be >= 0"):
+            reg_train.check_config(dataclasses.replace(TINY, **bad))
+
+
 def test_interrupted_write_leaves_no_valid_cache(toy, monkeypatch):
     split = make_split(load_dataset(TOY), 2, 0)  # another labeled set: another cache key
-    final = maps_dir(TOY, toy["ckpt"], split)
+    final = maps_dir(TOY, toy["ckpt"], split, TINY)
     real, calls = reg_apply.fuse, {"n": 0}
 
     def dying(*a, **k):
@@ -182,7 +217,7 @@ def test_bad_inputs(toy, tmp_path):
         split3 = make_split(ds, 3, 0)
         with pytest.raises(CctrError, match=f"regtoy:{victim}: image contains NaN"):
             registration_maps(TOY, TINY, split3)
-        assert not maps_dir(TOY, toy["ckpt"], split3).exists()
+        assert not maps_dir(TOY, toy["ckpt"], split3, TINY).exists()
     finally:
         path.write_bytes(keep)
 

@@ -112,7 +112,8 @@ def report(
     if as_json:
         emit_json(res)
         return
-    t = Table(title=f"registration: {dataset}, {labeled} labeled, seed {seed}, {res['pairs']} pairs")
+    refine = f", {res['refine_iters']} refinement steps" if res["refine_iters"] else ""
+    t = Table(title=f"registration: {dataset}, {labeled} labeled, seed {seed}, {res['pairs']} pairs{refine}")
     t.add_column("class")
     for col in ("ours (y_reg)", "identity", "TV-L1"):
         t.add_column(col, justify="right")

@@ -24,7 +24,8 @@ map and interpolated where a slice is read (`cctr.data.slices.GridField`): inter
 is exactly how the registration itself defines positions between grid voxels. A real CT case (512 x 512
 x 120) takes a few MB instead of ~500.
 
-The cache is keyed by (checkpoint content, dataset, split, labeled set) and written write-then-rename,
+The cache is keyed by (checkpoint content, dataset, split, labeled set, instance-optimisation settings)
+and written write-then-rename,
 so an interrupted run never leaves a cache that reads as valid.
 """
 
@@ -33,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +60,8 @@ from cctr.registration.grid import (
     pair_affine,
     sample,
 )
-from cctr.registration.net import RegNet, register_pair
-from cctr.registration.train import check_config, device, find_checkpoint, load_model
+from cctr.registration.net import RegNet
+from cctr.registration.train import APPLY_ONLY, check_config, device, find_checkpoint, load_model, refine_pair
 
 MAPS_VERSION = 3  # 3: several atlases are fused by locally weighted voting
 FIT_FLOOR = 1e-3  # keeps an atlas' weight positive where no atlas fits the intensity (then: plain average)
@@ -153,9 +154,16 @@ def file_sha(path: Path) -> str:
     return h.hexdigest()
 
 
-def maps_dir(dataset: str, checkpoint: Path, split: Split) -> Path:
-    key = config_hash({"version": MAPS_VERSION, "checkpoint": file_sha(checkpoint), "dataset": dataset,
-                       "split": split.to_json()})
+def applied_config(ck: dict, cfg: RegistrationConfig) -> RegistrationConfig:
+    """The checkpoint's own settings (what the model was trained with) plus `cfg`'s apply-time ones."""
+    return replace(from_dict(RegistrationConfig, ck["config"]), **{k: getattr(cfg, k) for k in APPLY_ONLY})
+
+
+def maps_dir(dataset: str, checkpoint: Path, split: Split, cfg: RegistrationConfig) -> Path:
+    key = {"version": MAPS_VERSION, "checkpoint": file_sha(checkpoint), "dataset": dataset, "split": split.to_json()}
+    if cfg.refine_iters > 0:  # maps of the net alone keep their earlier key
+        key["refine"] = [cfg.refine_iters, cfg.refine_lr, cfg.refine_smooth]
+    key = config_hash(key)
     return cache_root() / dataset / "registration" / "maps" / key
 
 
@@ -216,14 +224,14 @@ class Registrar:
     def affine(self, moving: str, fixed: str) -> torch.Tensor | None:
         return pair_affine(self.cfg.affine, self.image(fixed), self.image(moving))
 
-    @torch.no_grad()
     def phi(self, moving: str, fixed: str) -> torch.Tensor:
-        """[3,Z,H,W] positions on the moving grid of every fixed-grid voxel."""
+        """[3,Z,H,W] positions on the moving grid of every fixed-grid voxel (instance-optimised when
+        `refine_iters` > 0)."""
         dev = device()
         a = self.affine(moving, fixed)
-        p, _, _ = register_pair(self.model, self.image(moving)[None].to(dev), self.image(fixed)[None].to(dev),
-                                None if a is None else a[None].to(dev))
-        return p[0].cpu()
+        p = refine_pair(self.model, self.image(moving)[None].to(dev), self.image(fixed)[None].to(dev),
+                        None if a is None else a[None].to(dev), self.cfg)
+        return p[0].detach().cpu()
 
 
 def atlas_fits(phis: dict[str, torch.Tensor], target_image: torch.Tensor, atlases: dict[str, Atlas]
@@ -341,13 +349,13 @@ def registration_maps(dataset: str, cfg: RegistrationConfig, split: Split, check
     check_labeled(ds, split)
     ids = targets(split)
     reference = split.labeled[0]
-    final = maps_dir(dataset, ckpt, split)
+    final = maps_dir(dataset, ckpt, split, cfg)
     manifest = final / "manifest.json"
     if manifest.is_file():
         m = json.loads(manifest.read_text())
         if m.get("complete") and m.get("cases") == ids:
             return RegMaps(final, ids, m["reference"], reused=True)
-    reg = Registrar(ds, model, from_dict(RegistrationConfig, ck["config"]))
+    reg = Registrar(ds, model, applied_config(ck, cfg))
     for cid in dict.fromkeys(split.labeled + ids):  # NaN/inf and bad shapes fail before anything is written
         reg.image(cid)
     atlases = {lid: reg.atlas(lid) for lid in split.labeled}

@@ -79,25 +79,32 @@ class RegNet(nn.Module):
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(displacement in grid voxels, coarse velocity) taking `fixed` voxels to their match in `moving`."""
         v = self.velocity(moving, fixed)
+        return self.displacement(v, tuple(fixed.shape[2:])), v
+
+    def displacement(self, v: torch.Tensor, full: tuple[int, ...]) -> torch.Tensor:
+        """The displacement on the `full` grid of a coarse velocity: integrated, then upsampled."""
         d = integrate(v, self.int_steps)
-        full = tuple(fixed.shape[2:])
         if tuple(d.shape[2:]) != full:
             scale = scale_between(tuple(d.shape[2:]), full).to(d)
             d = F.interpolate(d, size=full, mode="trilinear", align_corners=True) * scale[None, :, None, None, None]
-        return d, v
+        return d
 
 
-def register_pair(model: RegNet, moving: torch.Tensor, fixed: torch.Tensor,
-                  affine: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def register_pair(model: RegNet, moving: torch.Tensor, fixed: torch.Tensor, affine: torch.Tensor | None = None,
+                  velocity: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One sampling map phi = A(x + u(x)): fixed-grid voxels -> moving-grid positions, [B,3,Z,H,W].
 
     The pre-alignment `affine` [B,4,4] (or None) is composed analytically with the deformable
     displacement u the net predicts on the pre-aligned moving image, so warping needs one
-    interpolation. Returns (phi, u, velocity).
+    interpolation. A given coarse `velocity` replaces the net's prediction (instance optimisation
+    moves it). Returns (phi, u, velocity).
     """
     b = fixed.shape[0]
     ident = identity(tuple(fixed.shape[2:]), fixed.device, fixed.dtype)[None].expand(b, -1, -1, -1, -1)
-    aligned = moving if affine is None else sample(moving, apply_affine(affine, ident))
-    disp, vel = model(aligned, fixed)
+    if velocity is None:
+        aligned = moving if affine is None else sample(moving, apply_affine(affine, ident))
+        disp, vel = model(aligned, fixed)
+    else:
+        disp, vel = model.displacement(velocity, tuple(fixed.shape[2:])), velocity
     pos = ident + disp
     return (pos if affine is None else apply_affine(affine, pos)), disp, vel

@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cctr.config import RegistrationConfig, TrainConfig, from_dict
+from cctr.config import RegistrationConfig, TrainConfig
 from cctr.console import progress_bar
 from cctr.data.datasets import load_dataset, make_split
 from cctr.errors import CctrError
 from cctr.metrics import dice_per_class
 from cctr.registration.apply import (
     Registrar,
+    applied_config,
     atlas_fits,
     atlas_weights,
     confidence_calibration,
@@ -30,7 +31,7 @@ from cctr.registration.apply import (
 )
 from cctr.registration.grid import apply_affine, grid_label, identity, sample
 from cctr.registration.net import jacobian_det
-from cctr.registration.train import find_checkpoint, load_model
+from cctr.registration.train import APPLY_ONLY, find_checkpoint, load_model
 
 
 def tvl1_phi(reg: Registrar, moving: str, fixed: str) -> torch.Tensor:
@@ -70,7 +71,7 @@ def registration_report(dataset: str, cfg: RegistrationConfig, n_labeled: int, s
     ckpt = Path(checkpoint) if checkpoint is not None else find_checkpoint(dataset, cfg, split)
     maps = registration_maps(dataset, cfg, split, ckpt, progress)
     model, ck = load_model(ckpt, dataset, cfg.grid)
-    reg = Registrar(ds, model, from_dict(RegistrationConfig, ck["config"]))
+    reg = Registrar(ds, model, applied_config(ck, cfg))
     for cid in split.labeled + val:
         reg.image(cid)
     atlases = {lid: reg.atlas(lid) for lid in split.labeled}
@@ -107,7 +108,8 @@ def registration_report(dataset: str, cfg: RegistrationConfig, n_labeled: int, s
                 bar.advance(task)
     n_pairs = len(val) * len(split.labeled)
     res: dict = {"dataset": dataset, "labeled": n_labeled, "seed": seed, "labeled_seed": labeled_seed,
-                 "atlases": list(split.labeled), "targets": "val", "pairs": n_pairs}
+                 "atlases": list(split.labeled), "targets": "val", "pairs": n_pairs,
+                 **{k: getattr(reg.cfg, k) for k in APPLY_ONLY}}
     for k, v in dice.items():
         res[f"dice_{k}"], per_class = _mean_dice(v)
         res[f"dice_{k}_per_class"] = dict(zip(ds.spec.class_names[1:], per_class))

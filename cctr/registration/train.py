@@ -31,6 +31,7 @@ from cctr.registration.losses import dice_loss, grad_loss, similarity
 from cctr.registration.net import RegNet, register_pair
 
 FORMAT = "cctr-registration"
+APPLY_ONLY = ("refine_iters", "refine_lr", "refine_smooth")  # used when maps are made, not in training: a model serves every value
 
 
 def check_config(cfg: RegistrationConfig) -> None:
@@ -49,6 +50,9 @@ def check_config(cfg: RegistrationConfig) -> None:
             raise CctrError(f"registration.{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.int_steps < 0 or cfg.lr <= 0 or cfg.lambda_smooth < 0 or cfg.dice_weight < 0 or cfg.grad_clip < 0:
         raise CctrError("registration.int_steps, lambda_smooth, dice_weight, grad_clip must be >= 0 and lr > 0")
+    if cfg.refine_iters < 0 or cfg.refine_lr <= 0 or cfg.refine_smooth < 0:
+        raise CctrError(f"registration.refine_iters must be >= 0, refine_lr > 0 and refine_smooth >= 0, got "
+                        f"{cfg.refine_iters}, {cfg.refine_lr}, {cfg.refine_smooth}")
     if cfg.downsize not in (1, 2, 4):
         raise CctrError(f"registration.downsize must be 1, 2 or 4, got {cfg.downsize}")
     if cfg.ncc_window % 2 == 0:
@@ -57,7 +61,8 @@ def check_config(cfg: RegistrationConfig) -> None:
 
 def model_key(dataset: str, cfg: RegistrationConfig, split: Split) -> str:
     """Hash naming a model: what it was trained with and on."""
-    key: dict[str, Any] = {"dataset": dataset, "registration": to_dict(cfg), "train": sorted(split.train)}
+    trained = {k: v for k, v in to_dict(cfg).items() if k not in APPLY_ONLY}
+    key: dict[str, Any] = {"dataset": dataset, "registration": trained, "train": sorted(split.train)}
     if cfg.dice_weight > 0:
         key["labeled"] = sorted(split.labeled)
     return config_hash(key)
@@ -219,8 +224,7 @@ def train_registration(dataset: str, cfg: RegistrationConfig, split: Split | Non
                 fix = imgs[[j for _, j in pairs]].to(dev)
                 aff = torch.stack([affine(i, j) for i, j in pairs]).to(dev) if cfg.affine != "none" else None
                 phi, disp, _ = register_pair(model, mov, fix, aff)
-                sim = similarity(cfg.similarity, sample(mov, phi), fix, cfg.ncc_window)
-                smooth = grad_loss(disp)
+                sim, smooth = objective(cfg, mov, fix, phi, disp)
                 loss = sim + cfg.lambda_smooth * smooth
                 terms = {"loss_sim": sim.item(), "loss_smooth": smooth.item()}
                 if use_dice:
@@ -255,6 +259,34 @@ def train_registration(dataset: str, cfg: RegistrationConfig, split: Split | Non
         run.log_metrics({"train_seconds": time.perf_counter() - t0}, step=it)
         run.log_artifact(path, "checkpoint", link=True)
     return path
+
+
+def objective(cfg: RegistrationConfig, moving: torch.Tensor, fixed: torch.Tensor, phi: torch.Tensor,
+              disp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image dissimilarity, smoothness) of a pair's map: what training and instance optimisation minimise."""
+    return similarity(cfg.similarity, sample(moving, phi), fixed, cfg.ncc_window), grad_loss(disp)
+
+
+def refine_pair(model: RegNet, moving: torch.Tensor, fixed: torch.Tensor, affine: torch.Tensor | None,
+                cfg: RegistrationConfig) -> torch.Tensor:
+    """phi of one pair after `cfg.refine_iters` Adam steps on its coarse velocity (instance
+    optimisation, as in Learn2Reg entries: the amortised net gives the start, the pair's own objective
+    the rest); the net's weights are not touched."""
+    with torch.no_grad():
+        phi, _, v0 = register_pair(model, moving, fixed, affine)
+    if cfg.refine_iters <= 0:
+        return phi
+    v = v0.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([v], lr=cfg.refine_lr)
+    with torch.enable_grad():
+        for _ in range(cfg.refine_iters):
+            phi, disp, _ = register_pair(model, moving, fixed, affine, velocity=v)
+            sim, smooth = objective(cfg, moving, fixed, phi, disp)
+            opt.zero_grad(set_to_none=True)
+            (sim + cfg.refine_smooth * cfg.lambda_smooth * smooth).backward()
+            opt.step()
+    with torch.no_grad():
+        return register_pair(model, moving, fixed, affine, velocity=v)[0]
 
 
 def ensure_registration(dataset: str, cfg: RegistrationConfig, split: Split | None = None,
