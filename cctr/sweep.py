@@ -242,8 +242,9 @@ def run_sweep(
     storage = make_storage(url, heartbeat_s)
     results = []
     deadline = time.time() + timeout_s if timeout_s else None
+    velocities: dict = {}  # pairs shared by the nested labeled sets are registered once
     for n_lab, cfg, split in zip(labeled_counts, cfgs, splits):
-        _prepare_registration(cfg, split)  # trained/applied once, reused by every trial
+        _prepare_registration(cfg, split, velocities)  # trained/applied once, reused by every trial
         name = study_name(cfg.data.dataset, n_lab, space)
         study, owner = _open_study(name, storage, space)
         parent = _parent_run(study, cfg, name, owner, space)
@@ -272,14 +273,14 @@ def _check_inputs(cfg: RunConfig):
     return make_split(load_dataset(cfg.data.dataset), cfg.data.labeled, cfg.data.seed, cfg.data.labeled_seed)
 
 
-def _prepare_registration(cfg: RunConfig, split) -> None:
+def _prepare_registration(cfg: RunConfig, split, velocities: dict) -> None:
     from cctr.train import get_method
 
     if get_method(cfg.train.method).needs_registration:
         from cctr.registration import ensure_registration, registration_maps
 
         ensure_registration(cfg.data.dataset, cfg.registration, split, progress=False)
-        registration_maps(cfg.data.dataset, cfg.registration, split)
+        registration_maps(cfg.data.dataset, cfg.registration, split, velocities=velocities)
 
 
 def _open_study(name: str, storage, space: Space):

@@ -134,11 +134,13 @@ def prepare_shared(cfgs: list[RunConfig], log: Callable[[str], None] = print, re
         return splits
     from cctr.registration import ensure_registration, registration_maps
 
-    for i, (cfg, split) in enumerate(needs_maps.values()):
+    velocities: dict = {}  # pairs shared by nested labeled sets are registered once
+    order = sorted(needs_maps.values(), key=lambda cs: (cs[1].labeled[0], len(cs[1].labeled)))
+    for i, (cfg, split) in enumerate(order):
         if register:  # returns at once when this split's model is finished; else maps name the command
             ensure_registration(cfg.data.dataset, cfg.registration, split, progress=progress)
         log(f"registration maps {i + 1}/{len(needs_maps)}: labeled {', '.join(split.labeled)}")
-        registration_maps(cfg.data.dataset, cfg.registration, split, progress=progress)
+        registration_maps(cfg.data.dataset, cfg.registration, split, progress=progress, velocities=velocities)
     return splits
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from cctr.registration import train as reg_train
 from cctr.registration.apply import maps_dir, registration_maps
 from cctr.registration.grid import identity
 from cctr.registration.net import register_pair
-from cctr.registration.train import checkpoint_path, load_model, refine_pair, train_registration
+from cctr.registration.train import checkpoint_path, load_model, refine_velocity, train_registration
 
 # the net alone (refine_iters 0): a 4-iteration model is the fixture; instance optimisation has its own test
 TINY = RegistrationConfig(grid=(8, 16, 16), channels=(4, 8, 8), int_steps=3, iters=4, batch_size=1, lr=1e-3,
@@ -147,14 +148,18 @@ def test_instance_optimisation_fits_the_pair_and_leaves_the_model(toy):
     mov, fix = reg.image(split.labeled[0])[None], reg.image(split.val[0])[None]
     net_phi = register_pair(model, mov, fix)[0].detach()
     off = TINY
-    assert torch.equal(refine_pair(model, mov, fix, None, off), net_phi)
+
+    def refine_pair(cfg):
+        return register_pair(model, mov, fix, velocity=refine_velocity(model, mov, fix, None, cfg))[0].detach()
+
+    assert torch.equal(refine_pair(off), net_phi)
 
     def cost(cfg, phi):
         sim, smooth = reg_train.objective(cfg, mov, fix, phi, phi - identity(TINY.grid)[None])
         return float(sim + cfg.refine_smooth * cfg.lambda_smooth * smooth)
 
     on = dataclasses.replace(TINY, refine_iters=15, refine_lr=0.2, refine_smooth=2.0)
-    refined = refine_pair(model, mov, fix, None, on)
+    refined = refine_pair(on)
     assert cost(on, refined) < cost(on, net_phi) - 1e-3
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     assert reg_train.model_key(TOY, on, split) == reg_train.model_key(TOY, off, split)
@@ -166,6 +171,36 @@ def test_instance_optimisation_fits_the_pair_and_leaves_the_model(toy):
     for bad in ({"refine_iters": -1}, {"refine_lr": 0.0}, {"refine_smooth": -1.0}):
         with pytest.raises(CctrError, match="refine_iters must be >= 0"):
             reg_train.check_config(dataclasses.replace(TINY, **bad))
+
+
+def test_nested_labeled_sets_register_each_pair_once(toy, monkeypatch):
+    """A velocity store shared across labeled sets (Table 1, sweeps): the 2-atlas maps after the
+    1-atlas ones refine only the new atlas' pairs, and the maps equal those made without the store."""
+    ds = load_dataset(TOY)
+    on = dataclasses.replace(TINY, refine_iters=3, refine_lr=0.1, refine_smooth=2.0)
+    one, two = make_split(ds, 1, 0, 1), make_split(ds, 2, 0, 1)  # labeled seed 1: nested sets, one model
+    assert set(one.labeled) < set(two.labeled)
+    calls, real = [], reg_apply.refine_velocity
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(reg_apply, "refine_velocity", counted)
+    store: dict = {}
+    registration_maps(TOY, on, one, velocities=store)
+    n_cases = len(calls)
+    shared = registration_maps(TOY, on, two, velocities=store)
+    assert n_cases > 0 and len(calls) == 2 * n_cases  # the second atlas' pairs only
+    before = {c: (shared.y_reg(c), shared.c_reg(c)) for c in shared}
+    shutil.rmtree(shared.root)  # the same maps again, from scratch
+    fresh = registration_maps(TOY, on, two)
+    assert len(calls) == 4 * n_cases and not fresh.reused
+    for c, (y, conf) in before.items():
+        assert np.array_equal(fresh.y_reg(c), y) and np.array_equal(fresh.c_reg(c), conf)
+    other = next(sp for k in range(2, 50) if not set((sp := make_split(ds, 1, 0, k)).labeled) & set(two.labeled))
+    registration_maps(TOY, on, other, velocities=store)  # another atlas: the earlier ones' pairs let go
+    assert {k[0] for k in next(iter(store.values()))} == set(other.labeled)
 
 
 def test_interrupted_write_leaves_no_valid_cache(toy, monkeypatch):

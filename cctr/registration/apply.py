@@ -60,8 +60,8 @@ from cctr.registration.grid import (
     pair_affine,
     sample,
 )
-from cctr.registration.net import RegNet
-from cctr.registration.train import APPLY_ONLY, check_config, device, find_checkpoint, load_model, refine_pair
+from cctr.registration.net import RegNet, register_pair
+from cctr.registration.train import APPLY_ONLY, check_config, device, find_checkpoint, load_model, refine_velocity
 
 MAPS_VERSION = 3  # 3: several atlases are fused by locally weighted voting
 FIT_FLOOR = 1e-3  # keeps an atlas' weight positive where no atlas fits the intensity (then: plain average)
@@ -202,11 +202,16 @@ def class_intensities(image: torch.Tensor, onehot: torch.Tensor, floor: float = 
 
 
 class Registrar:
-    """A loaded model plus grid images, computing phi for pairs of a dataset."""
+    """A loaded model plus grid images, computing phi for pairs of a dataset.
 
-    def __init__(self, ds: Dataset, model: RegNet, cfg: RegistrationConfig):
+    Each pair's (refined) coarse velocity is kept in `velocities`, which a caller may own and share:
+    nested labeled sets (1 of 2 of 4 in Table 1 and sweeps) then refine each (atlas, case) pair once."""
+
+    def __init__(self, ds: Dataset, model: RegNet, cfg: RegistrationConfig,
+                 velocities: dict[tuple[str, str], torch.Tensor] | None = None):
         self.ds, self.model, self.cfg = ds, model.to(device()), cfg
         self._grid: dict[str, torch.Tensor] = {}
+        self.velocities = {} if velocities is None else velocities
 
     def image(self, case_id: str) -> torch.Tensor:
         if case_id not in self._grid:
@@ -229,9 +234,13 @@ class Registrar:
         `refine_iters` > 0)."""
         dev = device()
         a = self.affine(moving, fixed)
-        p = refine_pair(self.model, self.image(moving)[None].to(dev), self.image(fixed)[None].to(dev),
-                        None if a is None else a[None].to(dev), self.cfg)
-        return p[0].detach().cpu()
+        mov, fix = self.image(moving)[None].to(dev), self.image(fixed)[None].to(dev)
+        aff = None if a is None else a[None].to(dev)
+        key = (moving, fixed)
+        if key not in self.velocities:
+            self.velocities[key] = refine_velocity(self.model, mov, fix, aff, self.cfg).cpu()
+        with torch.no_grad():
+            return register_pair(self.model, mov, fix, aff, velocity=self.velocities[key].to(dev))[0][0].cpu()
 
 
 def atlas_fits(phis: dict[str, torch.Tensor], target_image: torch.Tensor, atlases: dict[str, Atlas]
@@ -336,8 +345,11 @@ def check_labeled(ds: Dataset, split: Split) -> None:
 
 
 def registration_maps(dataset: str, cfg: RegistrationConfig, split: Split, checkpoint: Path | None = None,
-                      progress: bool = False) -> RegMaps:
+                      progress: bool = False, velocities: dict | None = None) -> RegMaps:
     """y_reg / c_reg / coords for every case of `split`, from the cache or computed once and cached.
+
+    `velocities`: a store the caller keeps across labeled sets (Table 1, sweeps), so a pair shared by
+    nested sets is registered once; it holds the pairs of this set's atlases only (bounded memory).
 
     Raises CctrError when no finished model exists (naming `cctr register train`) or the
     checkpoint belongs to another dataset/grid; nothing is left on disk on failure.
@@ -355,7 +367,13 @@ def registration_maps(dataset: str, cfg: RegistrationConfig, split: Split, check
         m = json.loads(manifest.read_text())
         if m.get("complete") and m.get("cases") == ids:
             return RegMaps(final, ids, m["reference"], reused=True)
-    reg = Registrar(ds, model, applied_config(ck, cfg))
+    rcfg = applied_config(ck, cfg)
+    store = None
+    if velocities is not None:  # per model and refinement settings; other atlases' pairs are let go
+        store = velocities.setdefault((file_sha(ckpt), *(getattr(rcfg, k) for k in APPLY_ONLY)), {})
+        for key in [k for k in store if k[0] not in split.labeled]:
+            del store[key]
+    reg = Registrar(ds, model, rcfg, store)
     for cid in dict.fromkeys(split.labeled + ids):  # NaN/inf and bad shapes fail before anything is written
         reg.image(cid)
     atlases = {lid: reg.atlas(lid) for lid in split.labeled}

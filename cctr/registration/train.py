@@ -267,15 +267,15 @@ def objective(cfg: RegistrationConfig, moving: torch.Tensor, fixed: torch.Tensor
     return similarity(cfg.similarity, sample(moving, phi), fixed, cfg.ncc_window), grad_loss(disp)
 
 
-def refine_pair(model: RegNet, moving: torch.Tensor, fixed: torch.Tensor, affine: torch.Tensor | None,
-                cfg: RegistrationConfig) -> torch.Tensor:
-    """phi of one pair after `cfg.refine_iters` Adam steps on its coarse velocity (instance
-    optimisation, as in Learn2Reg entries: the amortised net gives the start, the pair's own objective
-    the rest); the net's weights are not touched."""
+def refine_velocity(model: RegNet, moving: torch.Tensor, fixed: torch.Tensor, affine: torch.Tensor | None,
+                    cfg: RegistrationConfig) -> torch.Tensor:
+    """One pair's coarse velocity after `cfg.refine_iters` Adam steps (instance optimisation, as in
+    Learn2Reg entries: the amortised net gives the start, the pair's own objective the rest); the net's
+    weights are not touched. `register_pair(..., velocity=v)` turns it into phi."""
     with torch.no_grad():
-        phi, _, v0 = register_pair(model, moving, fixed, affine)
+        v0 = register_pair(model, moving, fixed, affine)[2]
     if cfg.refine_iters <= 0:
-        return phi
+        return v0
     v = v0.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=cfg.refine_lr)
     with torch.enable_grad():
@@ -285,8 +285,7 @@ def refine_pair(model: RegNet, moving: torch.Tensor, fixed: torch.Tensor, affine
             opt.zero_grad(set_to_none=True)
             (sim + cfg.refine_smooth * cfg.lambda_smooth * smooth).backward()
             opt.step()
-    with torch.no_grad():
-        return register_pair(model, moving, fixed, affine, velocity=v)[0]
+    return v.detach()
 
 
 def ensure_registration(dataset: str, cfg: RegistrationConfig, split: Split | None = None,
