@@ -12,7 +12,8 @@ import yaml
 TINY = {
     "data": {"dataset": "phantom-cardiac", "labeled": 1, "size": 32},
     "model": {"encoder_a": "tu-mobilenetv3_small_050", "proj_dim": 16},
-    "registration": {"grid": [8, 32, 32], "iters": 3, "batch_size": 1, "ncc_window": 3},
+    # 2 refinement steps: the instance optimisation runs, at a test's cost (40 steps x 40 cases each map)
+    "registration": {"grid": [8, 32, 32], "iters": 3, "batch_size": 1, "ncc_window": 3, "refine_iters": 2},
     "train": {"method": "cctr", "iters": 4, "batch_labeled": 2, "batch_unlabeled": 2, "val_every": 2,
               "memory_size": 64, "anchors_per_class": 4, "ramp_iters": 2, "ckpt_every": 2},
 }

@@ -9,7 +9,7 @@ import json
 from tests.helpers import TINY, cli, cli_inprocess, write_yaml
 
 REG = ["--set", "registration.grid=[8,32,32]", "--set", "registration.iters=3", "--set",
-       "registration.ncc_window=3"]
+       "registration.ncc_window=3", "--set", "registration.refine_iters=2"]
 
 
 def test_register_train_apply_report(tmp_path, capsys):
