@@ -25,8 +25,7 @@ is exactly how the registration itself defines positions between grid voxels. A 
 x 120) takes a few MB instead of ~500.
 
 The cache is keyed by (checkpoint content, dataset, split, labeled set, instance-optimisation settings)
-and written write-then-rename,
-so an interrupted run never leaves a cache that reads as valid.
+and written write-then-rename, so an interrupted run never leaves a cache that reads as valid.
 """
 
 from __future__ import annotations
@@ -162,7 +161,7 @@ def applied_config(ck: dict, cfg: RegistrationConfig) -> RegistrationConfig:
 def maps_dir(dataset: str, checkpoint: Path, split: Split, cfg: RegistrationConfig) -> Path:
     key = {"version": MAPS_VERSION, "checkpoint": file_sha(checkpoint), "dataset": dataset, "split": split.to_json()}
     if cfg.refine_iters > 0:  # maps of the net alone keep their earlier key
-        key["refine"] = [cfg.refine_iters, cfg.refine_lr, cfg.refine_smooth]
+        key["refine"] = [getattr(cfg, k) for k in APPLY_ONLY]
     key = config_hash(key)
     return cache_root() / dataset / "registration" / "maps" / key
 

@@ -31,7 +31,8 @@ from cctr.registration.losses import dice_loss, grad_loss, similarity
 from cctr.registration.net import RegNet, register_pair
 
 FORMAT = "cctr-registration"
-APPLY_ONLY = ("refine_iters", "refine_lr", "refine_smooth")  # used when maps are made, not in training: a model serves every value
+# used when maps are made, not in training: one model serves every value (and they key the maps, not the model)
+APPLY_ONLY = ("refine_iters", "refine_lr", "refine_smooth")
 
 
 def check_config(cfg: RegistrationConfig) -> None:
