@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--slices", type=int, default=120)
     ap.add_argument("--labeled", type=int, default=1)
     ap.add_argument("--reg-iters", type=int, default=20, help="registration training iterations")
+    ap.add_argument("--refine-iters", type=int, default=None,
+                    help="instance-optimisation steps per pair when maps are made (default: the config's)")
     ap.add_argument("--iters", type=int, default=20, help="segmentation training iterations")
     ap.add_argument("--train-size", type=int, default=None, help="2D training size (default: the paper preset's)")
     ap.add_argument("--batch", type=int, default=None, help="labeled = unlabeled batch (default: the paper preset's)")
@@ -156,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     env = dict(os.environ, CCTR_CACHE=str(work / "cache"), CCTR_MLRUNS=str(work / "mlruns"),
                CCTR_DATA_ROOT=str(work / "data"))
     reg = ["--set", f"registration.iters={a.reg_iters}"]
+    if a.refine_iters is not None:
+        reg += ["--set", f"registration.refine_iters={a.refine_iters}"]
     stages: dict[str, dict] = {}
     res: dict = {"cases": a.cases, "shape": [a.slices, a.size, a.size], "train_size": size, "batch": batch,
                  "stages": stages}

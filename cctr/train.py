@@ -80,6 +80,8 @@ def validate_config(cfg: RunConfig) -> Method:
         raise CctrError(f"train.rsl_schedule must be one of {', '.join(L.SCHEDULES)}, got '{t.rsl_schedule}'")
     if t.contrast not in ("per_net", "joint"):
         raise CctrError(f"train.contrast must be per_net or joint, got '{t.contrast}'")
+    if t.norm_batches not in ("joint", "split"):
+        raise CctrError(f"train.norm_batches must be joint or split, got '{t.norm_batches}'")
     if t.tau == 0 or t.reps_cap == 0:
         raise CctrError("train.tau and train.reps_cap must be > 0")
     for k in ("iters", "batch_labeled", "val_every", "ckpt_every", "anchors_per_class"):
@@ -220,12 +222,16 @@ def make_optimizer(t: TrainConfig, params: list[torch.nn.Parameter]) -> torch.op
     raise CctrError(f"train.optimizer must be sgd or adamw, got '{t.optimizer}'")
 
 
-def forward_nets(nets, img: torch.Tensor, with_embed: bool, amp: torch.dtype | None) -> list[dict[str, torch.Tensor]]:
+def forward_nets(nets, img: torch.Tensor, with_embed: bool, amp: torch.dtype | None, split: int = 0
+                 ) -> list[dict[str, torch.Tensor]]:
     """Both nets' outputs; under `amp` only the nets run in low precision and every loss stays fp32: the
     logits are returned in fp32, the decoder features as computed (the contrast reads a few anchors of
-    them, so only those are converted)."""
+    them, so only those are converted). `split` > 0 runs the first `split` images and the rest as two
+    passes, so each part is normalised by its own batch statistics."""
+    parts = (img[:split], img[split:]) if 0 < split < img.shape[0] else (img,)
     with torch.autocast(img.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        outs = [net(img, with_embed=with_embed) for net in nets]
+        outs = [[net(x, with_embed=with_embed) for x in parts] for net in nets]
+    outs = [{k: torch.cat([o[k] for o in per]) for k in per[0]} if len(per) > 1 else per[0] for per in outs]
     return [{**o, "logits": o["logits"].float()} for o in outs]
 
 
@@ -237,7 +243,8 @@ def loss_terms(cfg: RunConfig, method: Method, nets, batch: dict, con: Contrast 
     t = cfg.train
     b_l = t.batch_labeled
     img = batch["image"].to(device, non_blocking=True)
-    outs = forward_nets(nets, img, method.con, amp)  # no projection head without a contrast
+    split = b_l if t.norm_batches == "split" else 0
+    outs = forward_nets(nets, img, method.con, amp, split)  # no projection head without a contrast
     logits = [o["logits"] for o in outs]
     C = logits[0].shape[1]  # the nets know their class count; no dataset lookup on the hot path
     y = batch["label"].to(device).long()

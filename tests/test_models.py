@@ -115,6 +115,32 @@ def test_amp_runs_only_the_nets_in_low_precision(nets: tuple[SegNet, SegNet]) ->
         assert 0 < err < 0.05  # really computed in bf16, and close
 
 
+def test_split_forward_normalises_each_part_by_its_own_batch(nets: tuple[SegNet, SegNet]) -> None:
+    """`train.norm_batches=split`: in training mode the labeled part's outputs are those of a pass over
+    the labeled slices alone (BatchNorm sees only them), unlike the joint pass; the outputs keep the
+    batch order; in eval mode (running statistics) split and joint agree."""
+    from cctr.train import forward_nets
+
+    x = torch.randn(6, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    x[2:] += 3.0  # another intensity distribution in the "unlabeled" part: batch statistics differ
+    with torch.no_grad():
+        for net in nets:  # BatchNorm in training mode; stochastic depth off, so passes are comparable
+            for m in net.modules():
+                m.training = isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        split = forward_nets(nets, x, True, None, split=2)
+        joint = forward_nets(nets, x, True, None)
+        alone = forward_nets(nets, x[:2], True, None), forward_nets(nets, x[2:], True, None)
+        for k, (s, j) in enumerate(zip(split, joint)):
+            for key in ("logits", "feat"):
+                assert s[key].shape == j[key].shape
+                torch.testing.assert_close(s[key], torch.cat([alone[0][k][key], alone[1][k][key]]))
+            assert not torch.allclose(s["logits"][:2], j["logits"][:2], atol=1e-3)
+        for net in nets:
+            net.eval()
+        for s, j in zip(forward_nets(nets, x, True, None, split=2), forward_nets(nets, x, True, None)):
+            torch.testing.assert_close(s["logits"], j["logits"])
+
+
 def test_projection_head_loads_checkpoints_of_the_1x1_conv_layout() -> None:
     """Heads were 1x1 convs on [N,C,1,1]; their weights [out,in,1,1] load into the linear head and give
     the very map the conv head computed."""

@@ -214,7 +214,8 @@ def test_nan_loss_fails_the_run(tmp_path, monkeypatch):
     "sets,msg",
     [(["data.labeled=99"], "asked for 99 labeled"), (["train.w_ct=-1"], "w_ct must be >= 0"),
      (["train.method=magic"], "unknown method"), (["model.encoder_a=resnet999"], "resnet999"),
-     (["train.rsl_schedule=sometimes"], "rsl_schedule must be one of constant, ramp, decay")],
+     (["train.rsl_schedule=sometimes"], "rsl_schedule must be one of constant, ramp, decay"),
+     (["train.norm_batches=both"], "norm_batches must be joint or split")],
 )
 def test_bad_input_no_running_run(fresh_store, sets, msg):
     with pytest.raises(CctrError, match=msg):
