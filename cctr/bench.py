@@ -52,6 +52,7 @@ def bench_step(repeats: int = 7, size: int | None = None) -> dict:
         forward_nets,
         loss_terms,
         make_optimizer,
+        norm_split,
     )
 
     cfg = load_config(EXPERIMENTS / "phantom_cardiac.yaml", "quick")
@@ -90,8 +91,13 @@ def bench_step(repeats: int = 7, size: int | None = None) -> dict:
         return statistics.median(times)
 
     y = batch["label"]
-    res = {"floor_s": median_time(lambda i: sum(L.ce_loss(o["logits"], y)
-                                                 for o in forward_nets(nets, batch["image"], False, amp))),
+
+    def floor(split: int) -> float:
+        return median_time(lambda i: sum(L.ce_loss(o["logits"], y)
+                                         for o in forward_nets(nets, batch["image"], False, amp, split)))
+
+    # the floor passes the batch as training does; the one-pass floor beside it shows what the split costs
+    res = {"floor_s": floor(norm_split(t)), "floor_one_pass_s": floor(0),
            "amp": str(amp).replace("torch.", "") if amp else "fp32"}
     for name in ("ct", "cctr"):
         m = METHODS[name]

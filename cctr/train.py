@@ -235,6 +235,11 @@ def forward_nets(nets, img: torch.Tensor, with_embed: bool, amp: torch.dtype | N
     return [{**o, "logits": o["logits"].float()} for o in outs]
 
 
+def norm_split(t: TrainConfig) -> int:
+    """Where `forward_nets` splits a training batch (0: one pass), per `train.norm_batches`."""
+    return t.batch_labeled if t.norm_batches == "split" else 0
+
+
 def loss_terms(cfg: RunConfig, method: Method, nets, batch: dict, con: Contrast | None, gen: torch.Generator,
                device: torch.device, amp: torch.dtype | None = None
                ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -243,8 +248,7 @@ def loss_terms(cfg: RunConfig, method: Method, nets, batch: dict, con: Contrast 
     t = cfg.train
     b_l = t.batch_labeled
     img = batch["image"].to(device, non_blocking=True)
-    split = b_l if t.norm_batches == "split" else 0
-    outs = forward_nets(nets, img, method.con, amp, split)  # no projection head without a contrast
+    outs = forward_nets(nets, img, method.con, amp, norm_split(t))  # no projection head without a contrast
     logits = [o["logits"] for o in outs]
     C = logits[0].shape[1]  # the nets know their class count; no dataset lookup on the hot path
     y = batch["label"].to(device).long()
