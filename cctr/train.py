@@ -228,10 +228,14 @@ def forward_nets(nets, img: torch.Tensor, with_embed: bool, amp: torch.dtype | N
     logits are returned in fp32, the decoder features as computed (the contrast reads a few anchors of
     them, so only those are converted). `split` > 0 runs the first `split` images and the rest as two
     passes, so each part is normalised by its own batch statistics."""
-    parts = (img[:split], img[split:]) if 0 < split < img.shape[0] else (img,)
     with torch.autocast(img.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        outs = [[net(x, with_embed=with_embed) for x in parts] for net in nets]
-    outs = [{k: torch.cat([o[k] for o in per]) for k in per[0]} if len(per) > 1 else per[0] for per in outs]
+        if 0 < split < img.shape[0]:
+            outs = []
+            for net in nets:
+                first, rest = net(img[:split], with_embed=with_embed), net(img[split:], with_embed=with_embed)
+                outs.append({k: torch.cat([first[k], rest[k]]) for k in first})
+        else:
+            outs = [net(img, with_embed=with_embed) for net in nets]
     return [{**o, "logits": o["logits"].float()} for o in outs]
 
 

@@ -63,8 +63,9 @@ def test_bench_smoke_json():
 
 def test_bench_scale_tiny(tmp_path):
     """`cctr bench --scale` at a token size: every stage runs and reports wall time, peak RSS and disk."""
-    p = cli("bench", "--scale", "--cases", "6", "--size", "32", "--slices", "8", "--reg-iters", "2", "--refine-iters", "2", "--iters", "2",
-            "--train-size", "32", "--batch", "2", "--workdir", str(tmp_path / "sb"), timeout=600)
+    p = cli("bench", "--scale", "--cases", "6", "--size", "32", "--slices", "8", "--reg-iters", "2",
+            "--refine-iters", "2", "--iters", "2", "--train-size", "32", "--batch", "2",
+            "--workdir", str(tmp_path / "sb"), timeout=600)
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert set(res["stages"]) == {"prepare", "register_train", "register_apply", "train", "evaluate", "predict"}
