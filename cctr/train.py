@@ -226,16 +226,10 @@ def forward_nets(nets, img: torch.Tensor, with_embed: bool, amp: torch.dtype | N
                  ) -> list[dict[str, torch.Tensor]]:
     """Both nets' outputs; under `amp` only the nets run in low precision and every loss stays fp32: the
     logits are returned in fp32, the decoder features as computed (the contrast reads a few anchors of
-    them, so only those are converted). `split` > 0 runs the first `split` images and the rest as two
-    passes, so each part is normalised by its own batch statistics."""
+    them, so only those are converted). `split` > 0 normalises the first `split` images and the rest each
+    by its own batch statistics (`SegNet.forward`)."""
     with torch.autocast(img.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        if 0 < split < img.shape[0]:
-            outs = []
-            for net in nets:
-                first, rest = net(img[:split], with_embed=with_embed), net(img[split:], with_embed=with_embed)
-                outs.append({k: torch.cat([first[k], rest[k]]) for k in first})
-        else:
-            outs = [net(img, with_embed=with_embed) for net in nets]
+        outs = [net(img, with_embed=with_embed, split=split) for net in nets]
     return [{**o, "logits": o["logits"].float()} for o in outs]
 
 

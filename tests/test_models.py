@@ -116,29 +116,59 @@ def test_amp_runs_only_the_nets_in_low_precision(nets: tuple[SegNet, SegNet]) ->
 
 
 def test_split_forward_normalises_each_part_by_its_own_batch(nets: tuple[SegNet, SegNet]) -> None:
-    """`train.norm_batches=split`: in training mode the labeled part's outputs are those of a pass over
-    the labeled slices alone (BatchNorm sees only them), unlike the joint pass; the outputs keep the
-    batch order; in eval mode (running statistics) split and joint agree."""
+    """`train.norm_batches=split`: in training mode the outputs and the running statistics are those of
+    two passes, the labeled slices alone and then the rest (BatchNorm sees only each part), unlike the
+    joint pass, though the convolutions run once over the whole batch (and likewise by two passes, the
+    fallback for norm layers that cannot split); the outputs keep the batch order; in eval mode (running
+    statistics) split and joint agree."""
+    import copy
+
     from cctr.train import forward_nets
 
     x = torch.randn(6, 1, 32, 32, generator=torch.Generator().manual_seed(2))
     x[2:] += 3.0  # another intensity distribution in the "unlabeled" part: batch statistics differ
+    copies = [copy.deepcopy(nets) for _ in range(4)]
+    for net in copies[3]:
+        net._one_pass_split = False
     with torch.no_grad():
-        for net in nets:  # BatchNorm in training mode; stochastic depth off, so passes are comparable
+        for net in (n for c in copies for n in c):  # BatchNorm trains; stochastic depth off: comparable passes
             for m in net.modules():
                 m.training = isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-        split = forward_nets(nets, x, True, None, split=2)
-        joint = forward_nets(nets, x, True, None)
-        alone = forward_nets(nets, x[:2], True, None), forward_nets(nets, x[2:], True, None)
+            net.training = True
+        split = forward_nets(copies[0], x, True, None, split=2)
+        two_passes = forward_nets(copies[3], x, True, None, split=2)
+        joint = forward_nets(copies[1], x, True, None)
+        alone = forward_nets(copies[2], x[:2], True, None), forward_nets(copies[2], x[2:], True, None)
         for k, (s, j) in enumerate(zip(split, joint)):
             for key in ("logits", "feat"):
                 assert s[key].shape == j[key].shape
                 torch.testing.assert_close(s[key], torch.cat([alone[0][k][key], alone[1][k][key]]))
+                torch.testing.assert_close(two_passes[k][key], s[key])
             assert not torch.allclose(s["logits"][:2], j["logits"][:2], atol=1e-3)
+        for k in range(2):
+            bn_split, bn_alone, bn_two = (dict(c[k].named_buffers()) for c in (copies[0], copies[2], copies[3]))
+            assert any("running_var" in n for n in bn_split)
+            for name, buf in bn_split.items():
+                torch.testing.assert_close(buf, bn_alone[name])
+                torch.testing.assert_close(bn_two[name], bn_alone[name])
         for net in nets:
             net.eval()
         for s, j in zip(forward_nets(nets, x, True, None, split=2), forward_nets(nets, x, True, None)):
             torch.testing.assert_close(s["logits"], j["logits"])
+
+
+def test_norm_layers_that_cannot_split_send_the_model_to_two_passes() -> None:
+    """A BatchNorm subclass (timm's BatchNormAct2d, say) is not swapped: such a model splits by two passes
+    (the fallback the test above checks); plain BatchNorm2d layers are swapped in place."""
+    from cctr.models import SplitBatchNorm2d, _splittable
+
+    class NormAct(torch.nn.BatchNorm2d):
+        pass
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), NormAct(3))
+    norms, one_pass = _splittable(model)
+    assert not one_pass and len(norms) == 1 and isinstance(model[1], SplitBatchNorm2d)
+    assert _splittable(torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3)))[1]
 
 
 def test_projection_head_loads_checkpoints_of_the_1x1_conv_layout() -> None:
