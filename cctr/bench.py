@@ -96,10 +96,10 @@ def bench_step(repeats: int = 7, size: int | None = None) -> dict:
         return median_time(lambda i: sum(L.ce_loss(o["logits"], y)
                                          for o in forward_nets(nets, batch["image"], False, amp, split)))
 
-    # the floor passes the batch as training does; the one-pass floor beside it shows what the split costs
+    # the floor normalises the batch as training does; the joint floor beside it shows what the split costs
     split = norm_split(t)
     res = {"floor_s": floor(split), "amp": str(amp).replace("torch.", "") if amp else "fp32"}
-    res["floor_one_pass_s"] = floor(0) if split else res["floor_s"]
+    res["floor_joint_s"] = floor(0) if split else res["floor_s"]
     for name in ("ct", "cctr"):
         m = METHODS[name]
         mcfg = apply_overrides(cfg, [f"train.method={name}"])
