@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # the suite runs on one worker process per core (at most 4): most tests are single-threaded by design
-# (tests/conftest.py), so one process left the second core of a 2-core machine idle (11 min vs 7.5)
+# (tests/conftest.py), so one process left the second core of a 2-core machine idle (11:20 vs 8:04)
 XDIST := -n auto --maxprocesses=4
 
 test: install

@@ -11,10 +11,11 @@ from rich.console import Console
 
 def _console(stderr: bool) -> Console:
     """Off a terminal (`make demo | tee log`) rich assumes 80 columns and wraps wide tables; use 200
-    there unless COLUMNS says otherwise."""
+    there unless COLUMNS says otherwise. Printed lines are never broken at the width (soft wrap; tables
+    still fit their columns): a URL or path broken across lines cannot be clicked or copied."""
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() or "COLUMNS" in os.environ else 200
-    return Console(stderr=stderr, width=width)
+    return Console(stderr=stderr, width=width, soft_wrap=True)
 
 
 console = _console(stderr=True)  # progress, logs, errors

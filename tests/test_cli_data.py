@@ -168,3 +168,22 @@ def test_piped_output_is_not_wrapped_at_80_columns(monkeypatch):
     assert _console(stderr=False).width == 200
     monkeypatch.setenv("COLUMNS", "100")
     assert _console(stderr=False).width == 100
+
+
+def test_printed_lines_are_not_broken_at_the_width(monkeypatch):
+    """A URL or path longer than a narrow terminal stays one line (copyable); tables still fit the width."""
+    from rich.table import Table
+
+    from cctr.console import _console
+
+    monkeypatch.setenv("COLUMNS", "40")
+    c = _console(stderr=False)
+    url = "runs of ui-check: http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
+    with c.capture() as cap:
+        c.print(url)
+    assert cap.get() == url + "\n"
+    t = Table("method", "a long column header")
+    t.add_row("cctr", "a long cell text that has to wrap inside its column")
+    with c.capture() as cap:
+        c.print(t)
+    assert max(len(line) for line in cap.get().splitlines()) <= 40

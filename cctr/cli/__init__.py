@@ -110,7 +110,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False, prog_name="cctr")
     except CctrError as e:
-        console.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"error: {e}", markup=False, highlight=False)
         sys.exit(2)
     except usage_errors as e:
         e.show()

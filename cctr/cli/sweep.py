@@ -85,7 +85,7 @@ def ui_cmd(
     """The MLflow UI over this repo's store; prints the runs pages' URLs once the server answers."""
     from cctr.ui import serve
 
-    serve(host, port, log=lambda m: out.print(m, soft_wrap=True))  # a URL wrapped at the width is not clickable
+    serve(host, port, log=out.print)
 
 
 def table1_cmd(
