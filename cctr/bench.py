@@ -9,6 +9,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 
@@ -78,37 +79,51 @@ def bench_step(repeats: int = 7, size: int | None = None) -> dict:
     cpu = torch.device("cpu")
     amp = amp_dtype(t.amp, cpu)
 
-    def median_time(step: Callable[[int], torch.Tensor]) -> float:
-        times = []
-        for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            loss = step(i)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if i:  # the first step warms allocators and fills the banks
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+    def timed(loss_fn: Callable[[], torch.Tensor]) -> float:
+        t0 = time.perf_counter()
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - t0
 
     y = batch["label"]
 
-    def floor(split: int) -> float:
-        return median_time(lambda i: sum(L.ce_loss(o["logits"], y)
-                                         for o in forward_nets(nets, batch["image"], False, amp, split)))
+    def floor(split: int) -> Callable[[], torch.Tensor]:
+        return lambda: sum(L.ce_loss(o["logits"], y) for o in forward_nets(nets, batch["image"], False, amp, split))
 
     # the floor normalises the batch as training does; the joint floor beside it shows what the split costs
     split = norm_split(t)
-    res = {"floor_s": floor(split), "amp": str(amp).replace("torch.", "") if amp else "fp32"}
-    res["floor_joint_s"] = floor(0) if split else res["floor_s"]
+    steps = {"floor_s": floor(split)} | ({"floor_joint_s": floor(0)} if split else {})
+    res: dict = {"amp": str(amp).replace("torch.", "") if amp else "fp32"}
     for name in ("ct", "cctr"):
         m = METHODS[name]
         mcfg = apply_overrides(cfg, [f"train.method={name}"])
         con = Contrast([L.MemoryBank(t.memory_size, cfg.model.proj_dim) for _ in nets], 10.0, 20.0) if m.con else None
-        res[f"step_{name}_s"] = median_time(
-            lambda i: sum(loss_terms(mcfg, m, nets, batch, con, g, cpu, amp)[0].values()))
+        steps[f"step_{name}_s"] = partial(lambda mc, mm, cn: sum(loss_terms(mc, mm, nets, batch, cn, g, cpu, amp)[0].values()),
+                                          mcfg, m, con)
         if con is not None:
             res["bank_mb"] = sum(bk.nbytes for bk in con.banks) / 2**20
-    res["step_overhead"] = res["step_cctr_s"] / res["step_ct_s"]
+            banks = con.banks
+    # Warm-up: allocators, and the memory banks filled as in training's steady state (a partly empty bank
+    # makes the contrast cheaper: 16 steps of 128 anchors fill 2048 slots)
+    for step in steps.values():
+        timed(step)
+    for _ in range(64):
+        if all(len(bk) == bk.size for bk in banks):
+            break
+        timed(steps["step_cctr_s"])
+    # interleaved rounds, so a change in the machine's load during the bench hits every figure alike
+    # (measured one after another, `step_overhead` moved between 0.93 and 1.27 on a loaded machine)
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for k, step in steps.items():
+            times[k].append(timed(step))
+    res.update({k: statistics.median(v) for k, v in times.items()})
+    res.setdefault("floor_joint_s", res["floor_s"])
+    # cctr over ct within each round (the two steps run back to back), then the median over rounds
+    res["step_overhead_rounds"] = [c / t for c, t in zip(times["step_cctr_s"], times["step_ct_s"])]
+    res["step_overhead"] = statistics.median(res["step_overhead_rounds"])
     res["ct_over_floor"] = res["step_ct_s"] / res["floor_s"]
     return res
 
@@ -116,7 +131,6 @@ def bench_step(repeats: int = 7, size: int | None = None) -> dict:
 def run_bench(log: Callable[[str], None] = print, smoke: bool = False) -> dict:
     """Every figure, side by side in one run. `smoke` runs each stage at a token size (seconds, for
     tests of the command itself; its figures mean nothing) and leaves out the minutes-long medpy stage."""
-    from functools import partial
 
     from cctr.data.slices import bench_loader
     from cctr.metrics import bench_hd95

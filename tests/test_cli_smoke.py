@@ -56,6 +56,8 @@ def test_bench_smoke_json():
     assert res["phantom_cases"] == 12 and res["loader_slices_per_s"] > 0
     for k in ("floor_s", "floor_joint_s", "step_ct_s", "step_cctr_s"):
         assert res[k] > 0
+    # --smoke times one round: the overhead is that round's cctr step over its ct step
+    assert res["step_overhead_rounds"] == [res["step_overhead"]]
     assert res["step_overhead"] == res["step_cctr_s"] / res["step_ct_s"]
     assert res["ct_over_floor"] == res["step_ct_s"] / res["floor_s"]
     assert res["bank_mb"] > 0

@@ -58,7 +58,8 @@ def bench(ctx: typer.Context, as_json: bool = typer.Option(False, "--json"),
     t.add_column("figure")
     t.add_column("value", justify="right")
     for k, v in res.items():
-        t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+        vals = v if isinstance(v, list) else [v]
+        t.add_row(k, ", ".join(f"{x:.4g}" if isinstance(x, float) else str(x) for x in vals))
     out.print(t)
 
 
