@@ -9,7 +9,6 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 
@@ -96,22 +95,21 @@ def bench_step(repeats: int = 7, size: int | None = None) -> dict:
     split = norm_split(t)
     steps = {"floor_s": floor(split)} | ({"floor_joint_s": floor(0)} if split else {})
     res: dict = {"amp": str(amp).replace("torch.", "") if amp else "fp32"}
-    for name in ("ct", "cctr"):
+
+    def method_step(name: str) -> tuple[Callable[[], torch.Tensor], Contrast | None]:
         m = METHODS[name]
         mcfg = apply_overrides(cfg, [f"train.method={name}"])
         con = Contrast([L.MemoryBank(t.memory_size, cfg.model.proj_dim) for _ in nets], 10.0, 20.0) if m.con else None
-        steps[f"step_{name}_s"] = partial(lambda mc, mm, cn: sum(loss_terms(mc, mm, nets, batch, cn, g, cpu, amp)[0].values()),
-                                          mcfg, m, con)
-        if con is not None:
-            res["bank_mb"] = sum(bk.nbytes for bk in con.banks) / 2**20
-            banks = con.banks
+        return (lambda: sum(loss_terms(mcfg, m, nets, batch, con, g, cpu, amp)[0].values())), con
+
+    steps["step_ct_s"], _ = method_step("ct")
+    steps["step_cctr_s"], con = method_step("cctr")
+    res["bank_mb"] = sum(bk.nbytes for bk in con.banks) / 2**20
     # Warm-up: allocators, and the memory banks filled as in training's steady state (a partly empty bank
-    # makes the contrast cheaper: 16 steps of 128 anchors fill 2048 slots)
+    # makes the contrast cheaper: 16 steps of 128 anchors fill 2048 slots; every step pushes anchors)
     for step in steps.values():
         timed(step)
-    for _ in range(64):
-        if all(len(bk) == bk.size for bk in banks):
-            break
+    while any(len(bk) < bk.size for bk in con.banks):
         timed(steps["step_cctr_s"])
     # interleaved rounds, so a change in the machine's load during the bench hits every figure alike
     # (measured one after another, `step_overhead` moved between 0.93 and 1.27 on a loaded machine)
@@ -131,6 +129,7 @@ def bench_step(repeats: int = 7, size: int | None = None) -> dict:
 def run_bench(log: Callable[[str], None] = print, smoke: bool = False) -> dict:
     """Every figure, side by side in one run. `smoke` runs each stage at a token size (seconds, for
     tests of the command itself; its figures mean nothing) and leaves out the minutes-long medpy stage."""
+    from functools import partial
 
     from cctr.data.slices import bench_loader
     from cctr.metrics import bench_hd95
