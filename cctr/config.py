@@ -102,7 +102,8 @@ class TrainConfig:
     # 0.1 (like w_ct) raised validation Dice on phantom-cardiac but lowered it on phantom-abdomen (README)
     w_rsl: float = 1.0
     # "constant" | "ramp" (up, like w_ct) | "decay" (w_rsl·(1 − ramp): hands over to cross-teaching as it
-    # ramps up) | "crossover" (w_rsl until the nets' validation Dice reaches y_reg's, then 0).
+    # ramps up) | "crossover" (w_rsl until the nets' validation Dice reaches y_reg's, then 0) | "fade" (from
+    # that validation on, linearly down to 0 at the last iteration).
     # Registration labels help most early, when pseudo-labels are poor (DESIGN §4); "crossover" stops
     # RSL where the nets no longer need it (README: validation Dice as "constant", 2-labeled rows above sup)
     rsl_schedule: str = "crossover"

@@ -313,18 +313,23 @@ def ramp_weight(w: float, t: int | float, ramp: int | float) -> float:
     return float(w) * math.exp(-5.0 * phase * phase)
 
 
-SCHEDULES = ("constant", "ramp", "decay", "crossover")
+SCHEDULES = ("constant", "ramp", "decay", "crossover", "fade")
 
 
-def scheduled_weight(w: float, schedule: str, t: int | float, ramp: int | float, crossed: bool = False) -> float:
+def scheduled_weight(w: float, schedule: str, t: int | float, ramp: int | float, crossed_at: int | None = None,
+                     end: int = 0) -> float:
     """A term's weight at iteration t: "constant", "ramp" (sigmoid ramp-up over `ramp`), "decay"
-    (w minus the ramp-up: full at the start, gone at `ramp`) or "crossover" (w until `crossed`, then 0).
-    The last two are for registration labels, whose value falls as the nets' pseudo-labels overtake
-    them; "crossover" stops at the measured point where they have."""
+    (w minus the ramp-up: full at the start, gone at `ramp`), "crossover" (w until the iteration
+    `crossed_at`, then 0) or "fade" (w until `crossed_at`, then linearly down to 0 at iteration `end`).
+    The last three are for registration labels, whose value falls as the nets' pseudo-labels overtake
+    them; "crossover" and "fade" follow the measured point where they have, "fade" without the jolt of
+    removing a full-weight term in one step."""
     if schedule == "ramp":
         return ramp_weight(w, t, ramp)
     if schedule == "decay":
         return float(w) - ramp_weight(w, t, ramp)
-    if schedule == "crossover" and crossed:
-        return 0.0
+    if schedule in ("crossover", "fade") and crossed_at is not None:
+        if schedule == "crossover" or end <= crossed_at:
+            return 0.0
+        return float(w) * max(0.0, 1.0 - (float(t) - crossed_at) / (end - crossed_at))
     return float(w)

@@ -339,11 +339,13 @@ def contrastive_term(cfg: RunConfig, method: Method, nets, outs, pseudo, y, batc
     return total
 
 
-def rsl_crossed(history: list[dict]) -> bool:
-    """Have the nets reached registration's quality? Their validation Dice at or above y_reg's at some
-    validation (the crossover of the pseudo-label-quality curves, measured on validation cases like
-    the best-checkpoint choice; training cases' held-back labels are never read for it)."""
-    return any(h["val_dice"] >= h["val_reg_dice"] for h in history if "val_reg_dice" in h)
+def rsl_crossed(history: list[dict]) -> int | None:
+    """Where the nets reached registration's quality: the first validation iteration at which their
+    validation Dice was at or above y_reg's (the crossover of the pseudo-label-quality curves, measured
+    on validation cases like the best-checkpoint choice; training cases' held-back labels are never read
+    for it), or None."""
+    return next((h["iteration"] for h in history if "val_reg_dice" in h and h["val_dice"] >= h["val_reg_dice"]),
+                None)
 
 
 def _count_pairs(stats: dict[str, float], masks: dict[str, torch.Tensor], a_mon, k_mon) -> None:
@@ -550,7 +552,7 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
             for g in opt.param_groups:
                 g["lr"] = lr
             terms, stats = loss_terms(cfg, method, nets, batch, con, gen, device, amp)
-            w_now = {k: L.scheduled_weight(*weights[k], it, t.ramp_iters, crossed) for k in terms if k != "sup"}
+            w_now = {k: L.scheduled_weight(*weights[k], it, t.ramp_iters, crossed, t.iters) for k in terms if k != "sup"}
             total = terms["sup"] + sum(w_now[k] * v for k, v in terms.items() if k != "sup")
             if not torch.isfinite(total):
                 raise Diverged(f"non-finite loss at iteration {it} "

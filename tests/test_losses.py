@@ -370,5 +370,10 @@ def test_scheduled_weight() -> None:
     assert scheduled_weight(2.0, "decay", 100, 100) == 0.0
     # "crossover": the full weight until the nets have reached registration's quality, then nothing
     assert scheduled_weight(2.0, "crossover", 700, 100) == 2.0
-    assert scheduled_weight(2.0, "crossover", 0, 100, crossed=True) == 0.0
-    assert scheduled_weight(2.0, "constant", 700, 100, crossed=True) == 2.0
+    assert scheduled_weight(2.0, "crossover", 0, 100, crossed_at=0) == 0.0
+    assert scheduled_weight(2.0, "constant", 700, 100, crossed_at=40) == 2.0
+    # "fade": the full weight until the crossover, then a straight line to 0 at the last iteration
+    assert scheduled_weight(2.0, "fade", 300, 100, end=400) == 2.0
+    assert [scheduled_weight(2.0, "fade", t, 100, 200, 400) for t in (200, 250, 300, 399, 400)] == \
+        pytest.approx([2.0, 1.5, 1.0, 0.01, 0.0])
+    assert scheduled_weight(2.0, "fade", 400, 100, 400, 400) == 0.0  # crossed at the very end: no division

@@ -284,15 +284,25 @@ def test_rsl_crossed_reads_the_validation_curves():
 
     below = [{"iteration": 80, "val_dice": 0.40, "val_reg_dice": 0.55}, {"iteration": 160, "val_dice": 0.54,
                                                                          "val_reg_dice": 0.55}]
-    assert not rsl_crossed([]) and not rsl_crossed(below)
-    assert rsl_crossed(below + [{"iteration": 240, "val_dice": 0.55, "val_reg_dice": 0.55}])
-    assert not rsl_crossed([{"iteration": 80, "val_dice": 0.9}])  # no registration: never
+    assert rsl_crossed([]) is None and rsl_crossed(below) is None
+    after = [{"iteration": 240, "val_dice": 0.55, "val_reg_dice": 0.55}, {"iteration": 320, "val_dice": 0.6,
+                                                                        "val_reg_dice": 0.55}]
+    assert rsl_crossed(below + after) == 240  # the first validation that reached it
+    assert rsl_crossed([{"iteration": 80, "val_dice": 0.9}]) is None  # no registration: never
 
 
-def test_crossover_schedule_follows_the_logged_validation_curves(registration_ready, tmp_path):
-    """`rsl_schedule: crossover`: the RSL weight logged at each step is w_rsl before the first validation
-    at which val_dice reached val_reg_dice (both logged), and 0 after it."""
-    res = train(tiny_cfg(method="cct+rsl", iters=12, val_every=4, rsl_schedule="crossover", w_rsl=0.5),
+@pytest.mark.parametrize("schedule,reg_fails", [("crossover", False), ("crossover", True), ("fade", True)])
+def test_crossover_schedules_follow_the_logged_validation_curves(registration_ready, tmp_path, monkeypatch,
+                                                                 schedule, reg_fails):
+    """The RSL weight logged at each step is w_rsl before the first validation at which val_dice reached
+    val_reg_dice (both logged); after it, 0 (`crossover`) or a straight line to 0 at the last iteration
+    (`fade`). A tiny run's nets stay below y_reg; with `reg_fails` y_reg's monitoring Dice is that of an
+    all-background map (the training maps are untouched), so the nets cross it at the first validation."""
+    from cctr.registration.apply import RegMaps
+
+    if reg_fails:
+        monkeypatch.setattr(RegMaps, "y_reg", lambda self, cid: np.zeros_like(self[cid].y_reg.read()))
+    res = train(tiny_cfg(method="cct+rsl", iters=12, val_every=4, rsl_schedule=schedule, w_rsl=0.5),
                 tmp_path / "x", progress=False)
     c = tracking.client()
     val = {h.step: h.value for h in c.get_metric_history(res.run_id, "val_dice")}
@@ -301,5 +311,9 @@ def test_crossover_schedule_follows_the_logged_validation_curves(registration_re
     logged = {h.step: h.value for h in c.get_metric_history(res.run_id, "w_rsl")}
     assert sorted(logged) == [0, 10, 11]
     for step, w in logged.items():
-        crossed = any(val[v] >= reg[v] for v in val if v <= step)
-        assert w == (0.0 if crossed else 0.5)
+        crossed = min((v for v in val if v <= step and val[v] >= reg[v]), default=None)
+        if crossed is None:
+            assert w == 0.5
+        else:
+            assert w == pytest.approx(0.0 if schedule == "crossover" else 0.5 * (12 - step) / (12 - crossed))
+    assert (min(logged.values()) < 0.5) == reg_fails  # the crossed branch really ran where it should
