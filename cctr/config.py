@@ -104,9 +104,10 @@ class TrainConfig:
     # "constant" | "ramp" (up, like w_ct) | "decay" (w_rsl·(1 − ramp): hands over to cross-teaching as it
     # ramps up) | "crossover" (w_rsl until the nets' validation Dice reaches y_reg's, then 0) | "fade" (from
     # that validation on, linearly down to 0 at the last iteration).
-    # Registration labels help most early, when pseudo-labels are poor (DESIGN §4); "crossover" stops
-    # RSL where the nets no longer need it (README: validation Dice as "constant", 2-labeled rows above sup)
-    rsl_schedule: str = "crossover"
+    # Registration labels help most early, when pseudo-labels are poor (DESIGN §4); the crossover marks
+    # where the nets no longer need them, and "fade" hands over gradually from there (README: validation
+    # Dice of cctr above "crossover" on phantom-cardiac, level on phantom-abdomen)
+    rsl_schedule: str = "fade"
     # RSL yields where both nets agree on another class than y_reg, each at least this sure (> 1: never)
     rsl_yield_conf: float = 0.9
     w_con: float = 0.1
