@@ -329,7 +329,6 @@ def scheduled_weight(w: float, schedule: str, t: int | float, ramp: int | float,
     if schedule == "decay":
         return float(w) - ramp_weight(w, t, ramp)
     if schedule in ("crossover", "fade") and crossed_at is not None:
-        if schedule == "crossover" or end <= crossed_at:
-            return 0.0
-        return float(w) * max(0.0, 1.0 - (float(t) - crossed_at) / (end - crossed_at))
+        span = end - crossed_at if schedule == "fade" else 0  # "crossover" is a fade over no iterations
+        return float(w) * max(0.0, 1.0 - (float(t) - crossed_at) / span) if span > 0 else 0.0
     return float(w)

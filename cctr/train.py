@@ -539,7 +539,7 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
     last_val = float("nan")
     window: dict[str, float] = {}
     reg_dice: dict[str, float] = {}
-    crossed = rsl_crossed(state.history)  # a resumed run continues where it was
+    crossed_at = rsl_crossed(state.history)  # a resumed run continues where it was
     for n in nets:  # once here and after each validation (a walk over every module: not per step)
         n.train()
     try:
@@ -552,7 +552,8 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
             for g in opt.param_groups:
                 g["lr"] = lr
             terms, stats = loss_terms(cfg, method, nets, batch, con, gen, device, amp)
-            w_now = {k: L.scheduled_weight(*weights[k], it, t.ramp_iters, crossed, t.iters) for k in terms if k != "sup"}
+            w_now = {k: L.scheduled_weight(*weights[k], it, t.ramp_iters, crossed_at, t.iters)
+                     for k in terms if k != "sup"}
             total = terms["sup"] + sum(w_now[k] * v for k, v in terms.items() if k != "sup")
             if not torch.isfinite(total):
                 raise Diverged(f"non-finite loss at iteration {it} "
@@ -581,7 +582,7 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
                 window = {}
             if state.iteration % t.val_every == 0 or state.iteration == t.iters:
                 last_val = _validate(cfg, nets, data, run, state, device, reg_dice if method.unlabeled else None)
-                crossed = rsl_crossed(state.history)
+                crossed_at = rsl_crossed(state.history)
                 if state.best_iter == state.iteration:
                     save_checkpoint(best_path, weights_payload(cfg, nets, state, run.run_id))
                 if on_validation is not None:
