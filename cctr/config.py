@@ -118,6 +118,9 @@ class TrainConfig:
     contrast: str = "per_net"  # each net against its own anchors and bank | "joint": both nets in one space
     reps_cap: float = 2.0  # REPS match within this many registration-grid cells, in-plane and through-plane
     reps_weight: float = 1.0  # the REPS term's own weight (not drowned by hundreds of class positives)
+    # the REPS term's schedule (weight w_con·reps_weight; same choices as rsl_schedule): its positives come
+    # from registration, so unlike the class part it need not wait for the nets' pseudo-labels (DESIGN §4)
+    reps_schedule: str = "ramp"
     val_every: int = 200
     ckpt_every: int = 200  # resumable last.pt every N iterations (it is as large as two copies of the weights)
     keep_last: bool = False  # keep last.pt once the run is finished and evaluated

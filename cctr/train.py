@@ -76,8 +76,9 @@ def validate_config(cfg: RunConfig) -> Method:
               "rsl_yield_conf", "memory_size"):
         if getattr(t, k) < 0:
             raise CctrError(f"train.{k} must be >= 0, got {getattr(t, k)}")
-    if t.rsl_schedule not in L.SCHEDULES:
-        raise CctrError(f"train.rsl_schedule must be one of {', '.join(L.SCHEDULES)}, got '{t.rsl_schedule}'")
+    for k in ("rsl_schedule", "reps_schedule"):
+        if getattr(t, k) not in L.SCHEDULES:
+            raise CctrError(f"train.{k} must be one of {', '.join(L.SCHEDULES)}, got '{getattr(t, k)}'")
     if t.contrast not in ("per_net", "joint"):
         raise CctrError(f"train.contrast must be per_net or joint, got '{t.contrast}'")
     if t.norm_batches not in ("joint", "split"):
@@ -267,7 +268,9 @@ def loss_terms(cfg: RunConfig, method: Method, nets, batch: dict, con: Contrast 
         stats["rsl_yield"] = float(yielded.float().mean())
         terms["rsl"] = sum(L.rsl_loss(lg, yr, cr, t.conf_threshold, C, ignore | yielded) for lg in (la, lb))
     if method.con:
-        terms["con"] = contrastive_term(cfg, method, nets, outs, pseudo, y, batch, con, gen, device, stats)
+        terms["con"], reps = contrastive_term(cfg, method, nets, outs, pseudo, y, batch, con, gen, device, stats)
+        if method.reps:
+            terms["reps"] = reps
     return terms, stats
 
 
@@ -285,9 +288,11 @@ def rsl_yield(la: torch.Tensor, lb: torch.Tensor, y_reg: torch.Tensor, conf: flo
 
 
 def contrastive_term(cfg: RunConfig, method: Method, nets, outs, pseudo, y, batch, con: Contrast | None, gen,
-                     device, stats: dict[str, float]) -> torch.Tensor:
+                     device, stats: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel contrast of each net's anchors against its own batch anchors and memory bank (DESIGN §4);
     `train.contrast: joint` contrasts both nets' anchors together against one bank instead.
+    Returns the class part and the REPS part (zero without REPS), which the loop weights on their own
+    schedules: REPS positives come from registration, not from the nets.
 
     Labels: ground truth on labeled slices, the *other* net's argmax on unlabeled ones. Every anchor
     attribute (label, coordinate, validity, confidence, monitor label) is read at the same pixel
@@ -318,7 +323,7 @@ def contrastive_term(cfg: RunConfig, method: Method, nets, outs, pseudo, y, batc
         anchors.append((f, c, case[bi], is_gt[bi], mon[bi, py, px], co))
     if t.contrast == "joint":  # both nets' embeddings in one space, one bank
         anchors = [tuple(torch.cat(parts) for parts in zip(*anchors))]
-    total = y.new_zeros((), dtype=torch.float32)
+    total, reps_total = (y.new_zeros((), dtype=torch.float32) for _ in range(2))
     for k, (f, c, a_case, a_gt, a_mon, a_co) in enumerate(anchors):
         keys, k_cls, k_case, k_gt, k_co, k_mon = f, c, a_case, a_gt, a_co, a_mon
         bank = con.banks[k] if con is not None and con.banks else None
@@ -332,11 +337,13 @@ def contrastive_term(cfg: RunConfig, method: Method, nets, outs, pseudo, y, batc
         # REPS has its own normalisation: a few registration positives are not drowned by class positives
         parts = L.masked_supcon_terms(f, keys, [m["pos"], m["reps"]] if partners is not None else [m["pos"]],
                                       m["denom"], t.tau)
-        total = total + parts[0] + (t.reps_weight * parts[1] if partners is not None else 0.0)
+        total = total + parts[0]
+        if partners is not None:
+            reps_total = reps_total + parts[1]
         _count_pairs(stats, m, a_mon, k_mon)
         if bank is not None:
             bank.push(f.detach(), a_case, c, a_co, a_gt, a_mon)
-    return total
+    return total, reps_total
 
 
 def rsl_crossed(history: list[dict]) -> int | None:
@@ -533,7 +540,8 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
         _set_np_state(ck["rng_numpy"])
     end = min(t.iters, stop_after) if stop_after else t.iters
     early_end = t.iters // 4
-    weights = {"ct": (t.w_ct, "ramp"), "rsl": (t.w_rsl, t.rsl_schedule), "con": (t.w_con, "ramp")}
+    weights = {"ct": (t.w_ct, "ramp"), "rsl": (t.w_rsl, t.rsl_schedule), "con": (t.w_con, "ramp"),
+               "reps": (t.w_con * t.reps_weight, t.reps_schedule)}
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
     prog = TrainProgress(end, state.iteration) if progress else None
     last_val = float("nan")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -60,7 +61,7 @@ def test_every_variant_smoke(method, registration_ready, tmp_path):
     assert np.isfinite(res.metrics["test_last_dice"])
     losses = {k for k in run.data.metrics if k.startswith("loss_")}
     expect = {"loss_sup"} | ({"loss_ct"} if m.ct else set()) | ({"loss_rsl"} if m.rsl else set()) \
-        | ({"loss_con"} if m.con else set())
+        | ({"loss_con"} if m.con else set()) | ({"loss_reps"} if m.reps else set())
     assert losses == expect
     assert ("pl_dice_a" in run.data.metrics) == m.unlabeled
     assert ("pl_dice_reg" in run.data.metrics) == (m.unlabeled and m.needs_registration)
@@ -215,6 +216,7 @@ def test_nan_loss_fails_the_run(tmp_path, monkeypatch):
     [(["data.labeled=99"], "asked for 99 labeled"), (["train.w_ct=-1"], "w_ct must be >= 0"),
      (["train.method=magic"], "unknown method"), (["model.encoder_a=resnet999"], "resnet999"),
      (["train.rsl_schedule=sometimes"], "rsl_schedule must be one of constant, ramp, decay"),
+     (["train.reps_schedule=early"], "reps_schedule must be one of constant, ramp, decay"),
      (["train.norm_batches=both"], "norm_batches must be joint or split")],
 )
 def test_bad_input_no_running_run(fresh_store, sets, msg):
@@ -317,3 +319,23 @@ def test_crossover_schedules_follow_the_logged_validation_curves(registration_re
         else:
             assert w == pytest.approx(0.0 if schedule == "crossover" else 0.5 * (12 - step) / (12 - crossed))
     assert (min(logged.values()) < 0.5) == reg_fails  # the crossed branch really ran where it should
+
+
+@pytest.mark.parametrize("schedule", ["ramp", "constant"])
+def test_reps_term_has_its_own_weight_and_schedule(registration_ready, tmp_path, schedule):
+    """The REPS part of the contrast is weighted w_con·reps_weight on `reps_schedule`, the class part w_con
+    on the ramp, and the logged loss is the weighted sum of the logged terms at every logged step."""
+    res = train(tiny_cfg(method="cctr", iters=12, val_every=12, ramp_iters=12, w_con=0.2, reps_weight=0.5,
+                         reps_schedule=schedule), tmp_path / "x", progress=False)
+    c = tracking.client()
+    hist = {k: {h.step: h.value for h in c.get_metric_history(res.run_id, k)}
+            for k in ("loss", "loss_sup", "loss_ct", "loss_rsl", "loss_con", "loss_reps",
+                      "w_ct", "w_rsl", "w_con", "w_reps")}
+    assert sorted(hist["w_reps"]) == [0, 10, 11]
+    for step, w in hist["w_reps"].items():
+        ramped = 0.2 * math.exp(-5 * (1 - step / 12) ** 2)
+        assert hist["w_con"][step] == pytest.approx(ramped)
+        assert w == pytest.approx(0.1 if schedule == "constant" else ramped / 2)
+        assert hist["loss"][step] == pytest.approx(hist["loss_sup"][step] + sum(
+            hist[f"w_{k}"][step] * hist[f"loss_{k}"][step] for k in ("ct", "rsl", "con", "reps")), rel=1e-5)
+    assert max(hist["loss_reps"].values()) > 0  # REPS pairs were found: the term is not trivially zero
