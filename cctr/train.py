@@ -268,9 +268,7 @@ def loss_terms(cfg: RunConfig, method: Method, nets, batch: dict, con: Contrast 
         stats["rsl_yield"] = float(yielded.float().mean())
         terms["rsl"] = sum(L.rsl_loss(lg, yr, cr, t.conf_threshold, C, ignore | yielded) for lg in (la, lb))
     if method.con:
-        terms["con"], reps = contrastive_term(cfg, method, nets, outs, pseudo, y, batch, con, gen, device, stats)
-        if method.reps:
-            terms["reps"] = reps
+        terms.update(contrastive_term(cfg, method, nets, outs, pseudo, y, batch, con, gen, device, stats))
     return terms, stats
 
 
@@ -288,11 +286,11 @@ def rsl_yield(la: torch.Tensor, lb: torch.Tensor, y_reg: torch.Tensor, conf: flo
 
 
 def contrastive_term(cfg: RunConfig, method: Method, nets, outs, pseudo, y, batch, con: Contrast | None, gen,
-                     device, stats: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+                     device, stats: dict[str, float]) -> dict[str, torch.Tensor]:
     """Pixel contrast of each net's anchors against its own batch anchors and memory bank (DESIGN §4);
     `train.contrast: joint` contrasts both nets' anchors together against one bank instead.
-    Returns the class part and the REPS part (zero without REPS), which the loop weights on their own
-    schedules: REPS positives come from registration, not from the nets.
+    Returns the class part ("con") and, with REPS, the REPS part ("reps"), which the loop weights on their
+    own schedules: REPS positives come from registration, not from the nets.
 
     Labels: ground truth on labeled slices, the *other* net's argmax on unlabeled ones. Every anchor
     attribute (label, coordinate, validity, confidence, monitor label) is read at the same pixel
@@ -323,7 +321,7 @@ def contrastive_term(cfg: RunConfig, method: Method, nets, outs, pseudo, y, batc
         anchors.append((f, c, case[bi], is_gt[bi], mon[bi, py, px], co))
     if t.contrast == "joint":  # both nets' embeddings in one space, one bank
         anchors = [tuple(torch.cat(parts) for parts in zip(*anchors))]
-    total, reps_total = (y.new_zeros((), dtype=torch.float32) for _ in range(2))
+    sums: list[torch.Tensor] = []  # per part (class, then REPS), summed over nets
     for k, (f, c, a_case, a_gt, a_mon, a_co) in enumerate(anchors):
         keys, k_cls, k_case, k_gt, k_co, k_mon = f, c, a_case, a_gt, a_co, a_mon
         bank = con.banks[k] if con is not None and con.banks else None
@@ -337,13 +335,11 @@ def contrastive_term(cfg: RunConfig, method: Method, nets, outs, pseudo, y, batc
         # REPS has its own normalisation: a few registration positives are not drowned by class positives
         parts = L.masked_supcon_terms(f, keys, [m["pos"], m["reps"]] if partners is not None else [m["pos"]],
                                       m["denom"], t.tau)
-        total = total + parts[0]
-        if partners is not None:
-            reps_total = reps_total + parts[1]
+        sums = [a + b for a, b in zip(sums, parts)] if sums else parts
         _count_pairs(stats, m, a_mon, k_mon)
         if bank is not None:
             bank.push(f.detach(), a_case, c, a_co, a_gt, a_mon)
-    return total, reps_total
+    return dict(zip(("con", "reps"), sums))
 
 
 def rsl_crossed(history: list[dict]) -> int | None:
