@@ -305,7 +305,7 @@ def contrastive_term(cfg: RunConfig, method: Method, nets, outs, pseudo, y, batc
     is_gt = torch.arange(B, device=device) < b_l
     mon = batch["label_mon"].to(device).long() if "label_mon" in batch else torch.full_like(y, -1)
     coords = None
-    if method.reps:
+    if "coords" in batch:  # REPS reads them; without REPS (`cct+rsl`) they feed the pair monitor only
         ok = batch["valid"].to(device) & (batch["c_reg"].to(device).float().reshape(y.shape) >= t.conf_threshold)
         coords = batch["coords"].to(device).float().masked_fill(~ok.unsqueeze(1), float("nan"))
     anchors = []  # per net: (feats, class, case, is-GT, monitor label, coords)
@@ -330,13 +330,14 @@ def contrastive_term(cfg: RunConfig, method: Method, nets, outs, pseudo, y, batc
             k_cls = torch.cat([c, bank.cls.masked_fill(~bank.valid, -1)])
             k_case, k_gt = torch.cat([a_case, bank.case_id]), torch.cat([a_gt, bank.gt])
             k_co, k_mon = torch.cat([a_co, bank.coord]), torch.cat([a_mon, bank.mon])
-        partners = L.reps_partners(a_co, a_case, k_co, k_case, con.cap_xy, con.cap_z) if method.reps else None
-        m = L.contrast_masks(c, a_gt, a_case, k_cls, k_gt, k_case, partners)
+        partners = L.reps_partners(a_co, a_case, k_co, k_case, con.cap_xy, con.cap_z) if coords is not None else None
+        m = L.contrast_masks(c, a_gt, a_case, k_cls, k_gt, k_case, partners if method.reps else None)
+        if partners is not None and not method.reps:  # monitor only: the pairs REPS would pull, no loss reads them
+            m["reps"] = L.contrast_masks(c, a_gt, a_case, k_cls, k_gt, k_case, partners)["reps"]
         # REPS has its own normalisation: a few registration positives are not drowned by class positives
-        parts = L.masked_supcon_terms(f, keys, [m["pos"], m["reps"]] if partners is not None else [m["pos"]],
-                                      m["denom"], t.tau)
+        parts = L.masked_supcon_terms(f, keys, [m["pos"], m["reps"]] if method.reps else [m["pos"]], m["denom"], t.tau)
         sums = [a + b for a, b in zip(sums, parts)] if sums else parts
-        _count_pairs(stats, m, a_mon, k_mon)
+        _count_pairs(stats, m, a_mon, k_mon, f.detach() @ keys.detach().float().t())
         if bank is not None:
             bank.push(f.detach(), a_case, c, a_co, a_gt, a_mon)
     return dict(zip(("con", "reps"), sums))
@@ -351,17 +352,20 @@ def rsl_crossed(history: list[dict]) -> int | None:
                 None)
 
 
-def _count_pairs(stats: dict[str, float], masks: dict[str, torch.Tensor], a_mon, k_mon) -> None:
-    """Monitor only (held-back labels): how often REPS pairs and pseudo-label pairs share the true class."""
+def _count_pairs(stats: dict[str, float], masks: dict[str, torch.Tensor], a_mon, k_mon, sim: torch.Tensor) -> None:
+    """Monitor only (held-back labels): how often REPS pairs and pseudo-label pairs share the true class,
+    and how alike their embeddings are (`sim`, cosine, anchors x keys). In `cct+rsl` the REPS pairs are
+    found but pull nothing, so their similarity there is what RSL and the class contrast teach alone."""
     a_known = a_mon.unsqueeze(1) >= 0
     known = a_known & (k_mon.unsqueeze(0) >= 0)
     hit = a_known & (a_mon.unsqueeze(1) == k_mon.unsqueeze(0))  # a known class equal to the key's: both known
-    add = {"anchors": a_mon.shape[0], "pl_hits": (masks["pseudo_pairs"] & hit).sum(),
-           "pl_pairs": (masks["pseudo_pairs"] & known).sum()}
+    pl = masks["pseudo_pairs"]
+    add = {"anchors": a_mon.shape[0], "pl_hits": (pl & hit).sum(), "pl_pairs": (pl & known).sum(),
+           "pl_n": pl.sum(), "pl_sim": sim[pl].sum()}
     if "reps" in masks:
         r = masks["reps"]
         add.update(reps_pos=r.sum(), reps_anchors=r.any(1).sum(), reps_hits=(r & hit).sum(),
-                   reps_pairs=(r & known).sum())
+                   reps_pairs=(r & known).sum(), reps_sim=sim[r].sum())
     for key, v in add.items():
         stats[key] = stats.get(key, 0.0) + float(v)
 
@@ -373,6 +377,10 @@ def monitor_metrics(counts: dict[str, float], steps: int) -> dict[str, float]:
         out["reps_pair_precision"] = counts["reps_hits"] / counts["reps_pairs"]
     if counts.get("pl_pairs"):
         out["pl_pair_precision"] = counts["pl_hits"] / counts["pl_pairs"]
+    if counts.get("pl_n"):
+        out["pl_pair_sim"] = counts["pl_sim"] / counts["pl_n"]
+    if counts.get("reps_pos"):
+        out["reps_pair_sim"] = counts["reps_sim"] / counts["reps_pos"]
     if counts.get("anchors") and "reps_pos" in counts:
         out["reps_pos_per_anchor"] = counts["reps_pos"] / counts["anchors"]
         out["reps_anchor_frac"] = counts["reps_anchors"] / counts["anchors"]

@@ -14,7 +14,7 @@ import torch
 from cctr import tracking
 from cctr.config import RunConfig, apply_overrides, from_dict
 from cctr.errors import CctrError
-from cctr.train import METHODS, Contrast, contrastive_term, train
+from cctr.train import METHODS, Contrast, contrastive_term, monitor_metrics, train
 from tests.helpers import TINY, cli_inprocess, write_yaml
 
 
@@ -65,12 +65,13 @@ def test_every_variant_smoke(method, registration_ready, tmp_path):
     assert losses == expect
     assert ("pl_dice_a" in run.data.metrics) == m.unlabeled
     assert ("pl_dice_reg" in run.data.metrics) == (m.unlabeled and m.needs_registration)
-    # REPS really pairs anchors (and only in the REPS variants); pair precision is monitored in every
-    # contrastive variant, so `cct+reps` silently equal to `cct` cannot pass
-    assert ("reps_pos_per_anchor" in run.data.metrics) == m.reps
-    if m.reps:
+    # REPS really pairs anchors; pair precision and similarity are monitored in every contrastive variant,
+    # REPS pairs wherever there are registration coordinates (`cct+rsl` finds them without pulling them)
+    assert ("reps_pos_per_anchor" in run.data.metrics) == ("reps_pair_sim" in run.data.metrics) \
+        == (m.con and m.needs_registration)
+    if m.con and m.needs_registration:
         assert run.data.metrics["reps_anchor_frac"] > 0 and 0 <= res.metrics["reps_pair_precision_early"] <= 1
-    assert ("pl_pair_precision_early" in res.metrics) == m.con
+    assert ("pl_pair_precision_early" in res.metrics) == ("pl_pair_sim" in run.data.metrics) == m.con
     assert ("rsl_yield_frac" in run.data.metrics) == m.rsl
     if m.needs_registration:  # the confidence calibration on validation cases, in --json and MLflow
         assert 0 <= res.metrics["reg_dice_conf_low"] <= 1 and 0 <= res.metrics["reg_dice_conf_high"] <= 1
@@ -117,18 +118,17 @@ def test_scrambled_unlabeled_labels_give_bit_identical_weights(registration_read
     assert scr.metrics["pl_pair_precision_early"] != ref.metrics["pl_pair_precision_early"]
 
 
-def test_contrastive_term_reps_slots_on_a_hand_built_batch(monkeypatch):
-    """Which keys become REPS positives: the nearest per other case, gated by `valid` and `c_reg`."""
+def _hand_built_contrast():
+    """A 2-slice batch (case 0 labeled, case 1 not), identity projection heads and a filled bank whose REPS
+    partners are known by hand: pixel (i, j) of slice b sits at (z, y, x) = (b, 10 i, 10 j) mm."""
     import cctr.losses as L
 
-    cfg = tiny_cfg(method="cctr", batch_labeled=1, anchors_per_class=100, conf_threshold=0.5, memory_size=5)
     g = torch.Generator().manual_seed(0)
     emb = torch.nn.functional.normalize(torch.randn(2, 4, 2, 2, generator=g), dim=1)
     outs = [{"feat": emb}, {"feat": emb.clone()}]
     nets = [SimpleNamespace(embed=lambda f: f)] * 2  # identity heads: anchors are the pixels' features
     logits = [torch.randn(2, 2, 2, 2, generator=g) for _ in range(2)]
     y = torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 0]]])
-    # pixel (i, j) of slice b sits at (z, y, x) = (b, 10 i, 10 j) mm; slice 0 is case 0 (labeled), slice 1 case 1
     grid = torch.stack(torch.meshgrid(torch.arange(2.0) * 10, torch.arange(2.0) * 10, indexing="ij"))
     coords = torch.stack([torch.cat([torch.full((1, 2, 2), float(b)), grid]) for b in range(2)])
     valid = torch.ones(2, 2, 2, dtype=torch.bool)
@@ -141,10 +141,19 @@ def test_contrastive_term_reps_slots_on_a_hand_built_batch(monkeypatch):
     bank.push(torch.nn.functional.normalize(torch.randn(4, 4, generator=g), dim=1), torch.tensor([2, 2, 2, 1]),
               torch.tensor([0, 1, 0, 1]), torch.tensor([[0.0, 0, 0], [0, 0, 2], [0, 10, 10], [0, 10, 0]]))
     con = Contrast([bank, L.MemoryBank(5, 4)], cap_xy=5.0, cap_z=5.0)
+    pseudo = tuple(lg[1:].argmax(1) for lg in logits)
+    return g, emb, nets, outs, pseudo, y, batch, con
+
+
+def test_contrastive_term_reps_slots_on_a_hand_built_batch(monkeypatch):
+    """Which keys become REPS positives: the nearest per other case, gated by `valid` and `c_reg`."""
+    import cctr.losses as L
+
+    cfg = tiny_cfg(method="cctr", batch_labeled=1, anchors_per_class=100, conf_threshold=0.5, memory_size=5)
+    g, emb, nets, outs, pseudo, y, batch, con = _hand_built_contrast()
     calls = []
     real = L.masked_supcon_terms
     monkeypatch.setattr(L, "masked_supcon_terms", lambda a, k, ps, d, tau: calls.append((a, ps)) or real(a, k, ps, d, tau))
-    pseudo = tuple(lg[1:].argmax(1) for lg in logits)
     contrastive_term(cfg, METHODS["cctr"], nets, outs, pseudo, y, batch, con, g, torch.device("cpu"), {})
     anchors, (_, reps) = calls[0]  # net A: the class positives, then REPS's
     pix = emb.permute(0, 2, 3, 1).reshape(8, 4)
@@ -162,6 +171,36 @@ def test_contrastive_term_reps_slots_on_a_hand_built_batch(monkeypatch):
     assert slots[4] == {0} and mates[4] == {0} and slots[6] == set() and mates[6] == {2}
     assert slots[5] == slots[7] == mates[5] == mates[7] == set()
     assert all(5 not in v and 7 not in v for v in mates.values())
+
+
+def test_reps_pairs_are_monitored_without_reps_and_pull_nothing():
+    """`cct+rsl` finds the pairs REPS would pull (same pairs as `cctr`) and logs their embedding similarity,
+    while its loss equals the loss without coordinates: the monitor takes no part in training."""
+    cfg = tiny_cfg(method="cct+rsl", batch_labeled=1, anchors_per_class=100, conf_threshold=0.5, memory_size=5)
+    stats: dict[str, float] = {}
+    g, emb, nets, outs, pseudo, y, batch, con = _hand_built_contrast()
+    terms = contrastive_term(cfg, METHODS["cct+rsl"], nets, outs, pseudo, y, batch, con, g, torch.device("cpu"),
+                             stats)
+    g, emb, nets, outs, pseudo, y, batch, con = _hand_built_contrast()
+    no_coords = {k: v for k, v in batch.items() if k != "coords"}
+    plain = contrastive_term(cfg, METHODS["cct+rsl"], nets, outs, pseudo, y, no_coords, con, g,
+                             torch.device("cpu"), {})
+    assert set(terms) == {"con"} and torch.equal(terms["con"], plain["con"])
+    reps_stats: dict[str, float] = {}
+    g, emb, nets, outs, pseudo, y, batch, con = _hand_built_contrast()
+    contrastive_term(cfg, METHODS["cctr"], nets, outs, pseudo, y, batch, con, g, torch.device("cpu"), reps_stats)
+    # net A (previous test): 4 pairs with its bank, and in the batch 0<->4 both ways and 6 -> 2 (2's case-1
+    # partner is bank slot 3, nearer than pixel 6); net B's bank is empty: 0<->4 and 2<->6, both ways
+    assert stats["reps_pos"] == reps_stats["reps_pos"] == 7 + 4
+    assert stats["reps_sim"] == pytest.approx(reps_stats["reps_sim"])
+    # the similarity is each pair's cosine, by hand: both nets see the same pixels
+    pix = emb.permute(0, 2, 3, 1).reshape(8, 4)
+    bank_a = _hand_built_contrast()[-1].banks[0].feats[:4]
+    pairs = [(pix[0], bank_a[0]), (pix[2], bank_a[3]), (pix[3], bank_a[2]), (pix[4], bank_a[0]), (pix[0], pix[4]),
+             (pix[4], pix[0]), (pix[6], pix[2])] + [(pix[0], pix[4]), (pix[4], pix[0]), (pix[2], pix[6]), (pix[6], pix[2])]
+    assert stats["reps_sim"] == pytest.approx(sum(float(a @ b) for a, b in pairs), abs=1e-5)
+    assert monitor_metrics(stats, 1)["reps_pair_sim"] == pytest.approx(stats["reps_sim"] / 11)
+    assert 0 < stats["pl_n"] and -1 <= monitor_metrics(stats, 1)["pl_pair_sim"] <= 1
 
 
 def test_resume_is_exact(registration_ready, tmp_path):
