@@ -523,7 +523,8 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
         n_banks = 1 if t.contrast == "joint" else len(nets)
         banks = [L.MemoryBank(t.memory_size, cfg.model.proj_dim).to(device) for _ in range(n_banks)] \
             if t.memory_size else None
-        con = Contrast(banks, *(reps_caps(cfg, data) if method.reps else (math.inf, math.inf)))
+        # the caps wherever there are coordinates: `cct+rsl` monitors the pairs REPS would make
+        con = Contrast(banks, *(reps_caps(cfg, data) if data.reg is not None else (math.inf, math.inf)))
     state = StepState()
     if ck is not None:
         nets[0].load_state_dict(ck["state_a"])

@@ -203,6 +203,13 @@ def test_reps_pairs_are_monitored_without_reps_and_pull_nothing():
     assert 0 < stats["pl_n"] and -1 <= monitor_metrics(stats, 1)["pl_pair_sim"] <= 1
 
 
+def test_cct_rsl_monitors_the_same_reps_pairs_as_cctr(registration_ready, tmp_path):
+    """At the first step both variants see the same batch, weights and empty banks: the REPS pairs that
+    `cct+rsl` monitors are exactly those `cctr` pulls (same caps, same gates)."""
+    runs = [train(tiny_cfg(method=m, iters=2, val_every=2), tmp_path / m, progress=False) for m in ("cctr", "cct+rsl")]
+    first = [tracking.client().get_metric_history(r.run_id, "reps_pos_per_anchor")[0] for r in runs]
+    assert first[0].step == first[1].step == 0 and first[0].value == first[1].value > 0
+
 def test_resume_is_exact(registration_ready, tmp_path):
     cfg = tiny_cfg(method="cctr", iters=8, val_every=4, keep_last=True)
     full = train(cfg, tmp_path / "full", progress=False)
