@@ -651,7 +651,7 @@ def _final_report(cfg, data: RunData, run, run_dir: Path, device, state: StepSta
 
     out: dict[str, float] = {"best_iter": float(state.best_iter), "val_best_dice": state.best_dice}
     out.update({f"{k}_early": v for k, v in monitor_metrics(state.early, cfg.train.iters // 4).items()
-                if k.endswith("pair_precision")})
+                if k.endswith(("pair_precision", "pair_sim"))})
     if data.reg is not None:  # is c_reg calibrated? y_reg Dice above/below the threshold, validation cases
         from cctr.registration import confidence_calibration
 

@@ -68,10 +68,11 @@ def test_every_variant_smoke(method, registration_ready, tmp_path):
     # REPS really pairs anchors; pair precision and similarity are monitored in every contrastive variant,
     # REPS pairs wherever there are registration coordinates (`cct+rsl` finds them without pulling them)
     assert ("reps_pos_per_anchor" in run.data.metrics) == ("reps_pair_sim" in run.data.metrics) \
-        == (m.con and m.needs_registration)
+        == ("reps_pair_sim_early" in res.metrics) == (m.con and m.needs_registration)
     if m.con and m.needs_registration:
         assert run.data.metrics["reps_anchor_frac"] > 0 and 0 <= res.metrics["reps_pair_precision_early"] <= 1
-    assert ("pl_pair_precision_early" in res.metrics) == ("pl_pair_sim" in run.data.metrics) == m.con
+    assert ("pl_pair_precision_early" in res.metrics) == ("pl_pair_sim" in run.data.metrics) \
+        == ("pl_pair_sim_early" in res.metrics) == m.con
     assert ("rsl_yield_frac" in run.data.metrics) == m.rsl
     if m.needs_registration:  # the confidence calibration on validation cases, in --json and MLflow
         assert 0 <= res.metrics["reg_dice_conf_low"] <= 1 and 0 <= res.metrics["reg_dice_conf_high"] <= 1
