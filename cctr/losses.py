@@ -285,7 +285,7 @@ def reps_partners(anchor_coords: torch.Tensor, anchor_case: torch.Tensor, key_co
 
 def contrast_masks(anchor_cls: torch.Tensor, anchor_gt: torch.Tensor, anchor_case: torch.Tensor,
                    key_cls: torch.Tensor, key_gt: torch.Tensor, key_case: torch.Tensor,
-                   partners: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   partners: torch.Tensor | None = None, replace: bool = True) -> dict[str, torch.Tensor]:
     """Positive and participation masks [N,M] of the pixel contrast (keys = the anchors first, then the bank).
 
     Without `partners` (`cct`): positives are keys of the anchor's class, pseudo or true.
@@ -293,6 +293,8 @@ def contrast_masks(anchor_cls: torch.Tensor, anchor_gt: torch.Tensor, anchor_cas
     pseudo-label is involved, the class relation is replaced by registration: the partner is a
     positive, other keys of the same (pseudo-)class are left out (neither positive nor negative), keys
     of another class stay negatives. Same-volume pairs and ground-truth pairs keep their class relation.
+    With `replace` False (`cct+rsl`'s monitor) "reps" says which pairs REPS would make and the class
+    masks stay as without partners.
     """
     denom = key_mask(anchor_cls.shape[0], key_cls)
     same = anchor_cls.long().unsqueeze(1) == key_cls.long().unsqueeze(0)
@@ -301,6 +303,8 @@ def contrast_masks(anchor_cls: torch.Tensor, anchor_gt: torch.Tensor, anchor_cas
     if partners is None:
         return {"pos": same & denom, "denom": denom, "pseudo_pairs": pseudo_pairs}
     reps = partners & cross_pseudo & denom
+    if not replace:
+        return {"pos": same & denom, "reps": reps, "denom": denom, "pseudo_pairs": pseudo_pairs}
     denom = denom & ~(pseudo_pairs & ~reps)
     return {"pos": same & denom & ~reps, "reps": reps, "denom": denom, "pseudo_pairs": pseudo_pairs}
 

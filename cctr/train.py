@@ -331,9 +331,8 @@ def contrastive_term(cfg: RunConfig, method: Method, nets, outs, pseudo, y, batc
             k_case, k_gt = torch.cat([a_case, bank.case_id]), torch.cat([a_gt, bank.gt])
             k_co, k_mon = torch.cat([a_co, bank.coord]), torch.cat([a_mon, bank.mon])
         partners = L.reps_partners(a_co, a_case, k_co, k_case, con.cap_xy, con.cap_z) if coords is not None else None
-        m = L.contrast_masks(c, a_gt, a_case, k_cls, k_gt, k_case, partners if method.reps else None)
-        if partners is not None and not method.reps:  # monitor only: the pairs REPS would pull, no loss reads them
-            m["reps"] = L.contrast_masks(c, a_gt, a_case, k_cls, k_gt, k_case, partners)["reps"]
+        # without REPS the partners are monitored only: no loss reads them
+        m = L.contrast_masks(c, a_gt, a_case, k_cls, k_gt, k_case, partners, replace=method.reps)
         # REPS has its own normalisation: a few registration positives are not drowned by class positives
         parts = L.masked_supcon_terms(f, keys, [m["pos"], m["reps"]] if method.reps else [m["pos"]], m["denom"], t.tau)
         sums = [a + b for a, b in zip(sums, parts)] if sums else parts

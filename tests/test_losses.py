@@ -268,6 +268,10 @@ def test_contrast_masks_reps_replaces_pseudo_label_positives_only() -> None:
     assert m["denom"].tolist() == [[F_, F_, T, T, T, T, F_, F_], [F_, F_, T, F_, F_, T, T, F_],
                                    [T, T, F_, T, T, F_, T, F_]]
     assert m["pseudo_pairs"].tolist() == plain["pseudo_pairs"].tolist()
+    # monitor only (`cct+rsl`): the same REPS pairs, the class contrast as without partners
+    mon = contrast_masks(a_cls, a_gt, a_case, k_cls, k_gt, k_case, partners, replace=False)
+    assert mon["reps"].tolist() == m["reps"].tolist()
+    assert all(mon[k].tolist() == plain[k].tolist() for k in ("pos", "denom", "pseudo_pairs"))
 
 
 def test_supcon_empty_and_no_positive() -> None:

@@ -211,6 +211,7 @@ def test_cct_rsl_monitors_the_same_reps_pairs_as_cctr(registration_ready, tmp_pa
     first = [tracking.client().get_metric_history(r.run_id, "reps_pos_per_anchor")[0] for r in runs]
     assert first[0].step == first[1].step == 0 and first[0].value == first[1].value > 0
 
+
 def test_resume_is_exact(registration_ready, tmp_path):
     cfg = tiny_cfg(method="cctr", iters=8, val_every=4, keep_last=True)
     full = train(cfg, tmp_path / "full", progress=False)
