@@ -290,9 +290,10 @@ def contrast_masks(anchor_cls: torch.Tensor, anchor_gt: torch.Tensor, anchor_cas
 
     Without `partners` (`cct`): positives are keys of the anchor's class, pseudo or true.
     With REPS partners (`cct+reps`, DESIGN §4): for a pair of different volumes in which a
-    pseudo-label is involved, the class relation is replaced by registration: the partner is a
-    positive, other keys of the same (pseudo-)class are left out (neither positive nor negative), keys
-    of another class stay negatives. Same-volume pairs and ground-truth pairs keep their class relation.
+    pseudo-label is involved, the class relation is replaced by registration in every volume where it
+    pairs the anchor: the partner is a positive, other keys of that volume of the same (pseudo-)class
+    are left out (neither positive nor negative), keys of another class stay negatives. Same-volume
+    pairs, ground-truth pairs and volumes without a partner keep their class relation.
     With `replace` False (`cct+rsl`'s monitor) "reps" says which pairs REPS would make and the class
     masks stay as without partners.
     """
@@ -305,8 +306,18 @@ def contrast_masks(anchor_cls: torch.Tensor, anchor_gt: torch.Tensor, anchor_cas
     reps = partners & cross_pseudo & denom
     if not replace:
         return {"pos": same & denom, "reps": reps, "denom": denom, "pseudo_pairs": pseudo_pairs}
-    denom = denom & ~(pseudo_pairs & ~reps)
+    denom = denom & ~(pseudo_pairs & ~reps & paired_volumes(reps, key_case))
     return {"pos": same & denom & ~reps, "reps": reps, "denom": denom, "pseudo_pairs": pseudo_pairs}
+
+
+def paired_volumes(reps: torch.Tensor, key_case: torch.Tensor) -> torch.Tensor:
+    """[N,M]: whether anchor n has a REPS partner in key m's volume. Registration replaces the class
+    relation only there: where the cap or a gate leaves a volume without a partner (no entry of it
+    near the anchor's anatomical point, or no confident one), registration says nothing about that
+    volume and its pseudo-label positives stay."""
+    _, vol = torch.unique(key_case, return_inverse=True)
+    per_volume = reps.float() @ F.one_hot(vol).float()  # [N, volumes]: partners per volume
+    return per_volume[:, vol] > 0
 
 
 def ramp_weight(w: float, t: int | float, ramp: int | float) -> float:
