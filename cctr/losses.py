@@ -285,15 +285,16 @@ def reps_partners(anchor_coords: torch.Tensor, anchor_case: torch.Tensor, key_co
 
 def contrast_masks(anchor_cls: torch.Tensor, anchor_gt: torch.Tensor, anchor_case: torch.Tensor,
                    key_cls: torch.Tensor, key_gt: torch.Tensor, key_case: torch.Tensor,
-                   partners: torch.Tensor | None = None, replace: bool = True) -> dict[str, torch.Tensor]:
+                   partners: torch.Tensor | None = None, replace: bool = True, paired_only: bool = False
+                   ) -> dict[str, torch.Tensor]:
     """Positive and participation masks [N,M] of the pixel contrast (keys = the anchors first, then the bank).
 
     Without `partners` (`cct`): positives are keys of the anchor's class, pseudo or true.
     With REPS partners (`cct+reps`, DESIGN §4): for a pair of different volumes in which a
-    pseudo-label is involved, the class relation is replaced by registration in every volume where it
-    pairs the anchor: the partner is a positive, other keys of that volume of the same (pseudo-)class
-    are left out (neither positive nor negative), keys of another class stay negatives. Same-volume
-    pairs, ground-truth pairs and volumes without a partner keep their class relation.
+    pseudo-label is involved, the class relation is replaced by registration: the partner is a
+    positive, other keys of the same (pseudo-)class are left out (neither positive nor negative), keys
+    of another class stay negatives. Same-volume pairs and ground-truth pairs keep their class relation.
+    With `paired_only` the replacement is limited to the volumes where the anchor has a partner.
     With `replace` False (`cct+rsl`'s monitor) "reps" says which pairs REPS would make and the class
     masks stay as without partners.
     """
@@ -306,15 +307,15 @@ def contrast_masks(anchor_cls: torch.Tensor, anchor_gt: torch.Tensor, anchor_cas
     reps = partners & cross_pseudo & denom
     if not replace:
         return {"pos": same & denom, "reps": reps, "denom": denom, "pseudo_pairs": pseudo_pairs}
-    denom = denom & ~(pseudo_pairs & ~reps & paired_volumes(reps, key_case))
+    replaced = pseudo_pairs & ~reps
+    denom = denom & ~(replaced & paired_volumes(reps, key_case) if paired_only else replaced)
     return {"pos": same & denom & ~reps, "reps": reps, "denom": denom, "pseudo_pairs": pseudo_pairs}
 
 
 def paired_volumes(reps: torch.Tensor, key_case: torch.Tensor) -> torch.Tensor:
-    """[N,M]: whether anchor n has a REPS partner in key m's volume. Registration replaces the class
-    relation only there: where the cap or a gate leaves a volume without a partner (no entry of it
-    near the anchor's anatomical point, or no confident one), registration says nothing about that
-    volume and its pseudo-label positives stay."""
+    """[N,M]: whether anchor n has a REPS partner in key m's volume. Where the cap or a gate leaves a
+    volume without a partner (no entry of it near the anchor's anatomical point, or no confident one),
+    registration says nothing about that volume; `paired_only` keeps its pseudo-label positives there."""
     _, vol = torch.unique(key_case, return_inverse=True)
     per_volume = reps.float() @ F.one_hot(vol).float()  # [N, volumes]: partners per volume
     return per_volume[:, vol] > 0

@@ -79,6 +79,8 @@ def validate_config(cfg: RunConfig) -> Method:
     for k in ("rsl_schedule", "reps_schedule"):
         if getattr(t, k) not in L.SCHEDULES:
             raise CctrError(f"train.{k} must be one of {', '.join(L.SCHEDULES)}, got '{getattr(t, k)}'")
+    if t.reps_replace not in ("all", "paired"):
+        raise CctrError(f"train.reps_replace must be all or paired, got '{t.reps_replace}'")
     if t.contrast not in ("per_net", "joint"):
         raise CctrError(f"train.contrast must be per_net or joint, got '{t.contrast}'")
     if t.norm_batches not in ("joint", "split"):
@@ -332,7 +334,8 @@ def contrastive_term(cfg: RunConfig, method: Method, nets, outs, pseudo, y, batc
             k_co, k_mon = torch.cat([a_co, bank.coord]), torch.cat([a_mon, bank.mon])
         partners = L.reps_partners(a_co, a_case, k_co, k_case, con.cap_xy, con.cap_z) if coords is not None else None
         # without REPS the partners are monitored only: no loss reads them
-        m = L.contrast_masks(c, a_gt, a_case, k_cls, k_gt, k_case, partners, replace=method.reps)
+        m = L.contrast_masks(c, a_gt, a_case, k_cls, k_gt, k_case, partners, replace=method.reps,
+                             paired_only=t.reps_replace == "paired")
         # REPS has its own normalisation: a few registration positives are not drowned by class positives
         parts = L.masked_supcon_terms(f, keys, [m["pos"], m["reps"]] if method.reps else [m["pos"]], m["denom"], t.tau)
         sums = [a + b for a, b in zip(sums, parts)] if sums else parts

@@ -244,7 +244,7 @@ def test_reps_partners_nearest_per_other_case_within_anisotropic_caps() -> None:
     assert reps_partners(anchors[:0], torch.tensor([], dtype=torch.long), keys, key_case, 5.0, 6.0).shape == (0, 7)
 
 
-def test_contrast_masks_reps_replaces_pseudo_label_positives_in_paired_volumes_only() -> None:
+def test_contrast_masks_reps_replaces_pseudo_label_positives_only() -> None:
     # anchors (= first keys): 0 labeled case 0 class 1 (GT); 1 unlabeled case 1 class 1; 2 unlabeled case 1 class 2
     a_cls, a_gt, a_case = torch.tensor([1, 1, 2]), torch.tensor([True, False, False]), torch.tensor([0, 1, 1])
     # bank: 3 GT case 5 class 1; 4 pseudo case 2 class 1; 5 pseudo case 2 class 2; 6 pseudo case 1 class 1; 7 empty
@@ -259,15 +259,22 @@ def test_contrast_masks_reps_replaces_pseudo_label_positives_in_paired_volumes_o
     T, F_ = True, False
     assert plain["pos"].tolist() == [[F_, T, F_, T, T, F_, T, F_], [T, F_, F_, T, T, F_, T, F_],
                                      [F_, F_, F_, F_, F_, T, F_, F_]]
-    # registration replaces the class relation only in a volume where it pairs the anchor (case 2 here).
-    # Anchor 0 (GT): GT key 3 keeps its class relation, partner 4 is a REPS positive (not a class one), and
-    # case 1 has no partner, so its pseudo keys 1 and 6 stay positives. Anchor 1: partner 5 is a REPS
-    # positive, case 2's same-class key 4 is left out, keys 0 (case 0), 3 (case 5) and same-volume 6 stay
-    # positives; other-class key 2 stays a negative. Anchor 2 has no partner: its class relation is unchanged.
-    assert m["pos"].tolist() == [[F_, T, F_, T, F_, F_, T, F_], [T, F_, F_, T, F_, F_, T, F_],
-                                 [F_, F_, F_, F_, F_, T, F_, F_]]
+    # anchor 0 (GT): GT key 3 keeps its class relation; pseudo keys of other volumes (1, 4, 6) are left out,
+    # except its partner 4. Anchor 1: same-volume key 6 stays a positive, partner 5 is a REPS positive,
+    # other-volume same-class keys 0, 3, 4 are left out; other-class key 2 (same volume) stays a negative.
+    assert m["pos"].tolist() == [[F_, F_, F_, T, F_, F_, F_, F_], [F_, F_, F_, F_, F_, F_, T, F_],
+                                 [F_, F_, F_, F_, F_, F_, F_, F_]]
     assert m["reps"].nonzero().tolist() == [[0, 4], [1, 5]]
-    assert m["denom"].tolist() == [[F_, T, T, T, T, T, T, F_], [T, F_, T, T, F_, T, T, F_],
+    assert m["denom"].tolist() == [[F_, F_, T, T, T, T, F_, F_], [F_, F_, T, F_, F_, T, T, F_],
+                                   [T, T, F_, T, T, F_, T, F_]]
+    # `paired_only`: replaced only in a volume where registration pairs the anchor (case 2 here). Anchor 0:
+    # case 1 has no partner, so its pseudo keys 1 and 6 stay positives. Anchor 1: case 2's same-class key 4
+    # is left out, keys 0 (case 0) and 3 (case 5) stay positives. Anchor 2 has no partner: unchanged.
+    p = contrast_masks(a_cls, a_gt, a_case, k_cls, k_gt, k_case, partners, paired_only=True)
+    assert p["pos"].tolist() == [[F_, T, F_, T, F_, F_, T, F_], [T, F_, F_, T, F_, F_, T, F_],
+                                 [F_, F_, F_, F_, F_, T, F_, F_]]
+    assert p["reps"].tolist() == m["reps"].tolist()
+    assert p["denom"].tolist() == [[F_, T, T, T, T, T, T, F_], [T, F_, T, T, F_, T, T, F_],
                                    [T, T, F_, T, T, T, T, F_]]
     assert m["pseudo_pairs"].tolist() == plain["pseudo_pairs"].tolist()
     # monitor only (`cct+rsl`): the same REPS pairs, the class contrast as without partners

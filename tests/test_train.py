@@ -174,6 +174,19 @@ def test_contrastive_term_reps_slots_on_a_hand_built_batch(monkeypatch):
     assert all(5 not in v and 7 not in v for v in mates.values())
 
 
+def test_reps_replace_paired_keeps_the_class_positives_of_unpaired_volumes():
+    """`train.reps_replace: paired` reaches the contrast: on the hand-built batch, where some anchors have
+    no partner, it keeps class positives that "all" leaves out, so the class part differs."""
+    out = {}
+    for mode in ("all", "paired"):
+        cfg = tiny_cfg(method="cctr", batch_labeled=1, anchors_per_class=100, conf_threshold=0.5, memory_size=5,
+                       reps_replace=mode)
+        g, emb, nets, outs, pseudo, y, batch, con = _hand_built_contrast()
+        out[mode] = contrastive_term(cfg, METHODS["cctr"], nets, outs, pseudo, y, batch, con, g,
+                                     torch.device("cpu"), {})
+    assert not torch.allclose(out["all"]["con"], out["paired"]["con"])
+
+
 def test_reps_pairs_are_monitored_without_reps_and_pull_nothing():
     """`cct+rsl` finds the pairs REPS would pull (same pairs as `cctr`) and logs their embedding similarity,
     while its loss equals the loss without coordinates: the monitor takes no part in training."""
@@ -265,7 +278,8 @@ def test_nan_loss_fails_the_run(tmp_path, monkeypatch):
      (["train.method=magic"], "unknown method"), (["model.encoder_a=resnet999"], "resnet999"),
      (["train.rsl_schedule=sometimes"], "rsl_schedule must be one of constant, ramp, decay"),
      (["train.reps_schedule=early"], "reps_schedule must be one of constant, ramp, decay"),
-     (["train.norm_batches=both"], "norm_batches must be joint or split")],
+     (["train.norm_batches=both"], "norm_batches must be joint or split"),
+     (["train.reps_replace=some"], "reps_replace must be all or paired")],
 )
 def test_bad_input_no_running_run(fresh_store, sets, msg):
     with pytest.raises(CctrError, match=msg):
