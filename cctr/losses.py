@@ -308,7 +308,9 @@ def contrast_masks(anchor_cls: torch.Tensor, anchor_gt: torch.Tensor, anchor_cas
     if not replace:
         return {"pos": same & denom, "reps": reps, "denom": denom, "pseudo_pairs": pseudo_pairs}
     replaced = pseudo_pairs & ~reps
-    denom = denom & ~(replaced & paired_volumes(reps, key_case) if paired_only else replaced)
+    if paired_only:
+        replaced = replaced & paired_volumes(reps, key_case)
+    denom = denom & ~replaced
     return {"pos": same & denom & ~reps, "reps": reps, "denom": denom, "pseudo_pairs": pseudo_pairs}
 
 

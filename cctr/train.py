@@ -76,15 +76,12 @@ def validate_config(cfg: RunConfig) -> Method:
               "rsl_yield_conf", "memory_size"):
         if getattr(t, k) < 0:
             raise CctrError(f"train.{k} must be >= 0, got {getattr(t, k)}")
-    for k in ("rsl_schedule", "reps_schedule"):
-        if getattr(t, k) not in L.SCHEDULES:
-            raise CctrError(f"train.{k} must be one of {', '.join(L.SCHEDULES)}, got '{getattr(t, k)}'")
-    if t.reps_replace not in ("all", "paired"):
-        raise CctrError(f"train.reps_replace must be all or paired, got '{t.reps_replace}'")
-    if t.contrast not in ("per_net", "joint"):
-        raise CctrError(f"train.contrast must be per_net or joint, got '{t.contrast}'")
-    if t.norm_batches not in ("joint", "split"):
-        raise CctrError(f"train.norm_batches must be joint or split, got '{t.norm_batches}'")
+    choices = {"rsl_schedule": L.SCHEDULES, "reps_schedule": L.SCHEDULES, "reps_replace": ("all", "paired"),
+               "contrast": ("per_net", "joint"), "norm_batches": ("joint", "split")}
+    for k, ok in choices.items():
+        if getattr(t, k) not in ok:
+            allowed = " or ".join(ok) if len(ok) == 2 else f"one of {', '.join(ok)}"
+            raise CctrError(f"train.{k} must be {allowed}, got '{getattr(t, k)}'")
     if t.tau == 0 or t.reps_cap == 0:
         raise CctrError("train.tau and train.reps_cap must be > 0")
     for k in ("iters", "batch_labeled", "val_every", "ckpt_every", "anchors_per_class"):
