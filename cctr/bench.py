@@ -32,7 +32,7 @@ def bench_phantom() -> dict:
 
 
 def bench_step(repeats: int = 7, size: int | None = None) -> dict:
-    """Quick-preset training steps of `ct` and `cctr` beside the floor (median seconds).
+    """Quick-preset training steps of `ct` and `cctr` beside the floor (seconds per step).
 
     The floor is what no method can avoid: both nets' forward + backward + optimizer step on the batch.
     `step_overhead` (cctr/ct) is what contrast, REPS, the memory banks and RSL add on top of
@@ -46,6 +46,7 @@ def bench_step(repeats: int = 7, size: int | None = None) -> dict:
     from cctr.config import EXPERIMENTS, apply_overrides, load_config
     from cctr.models import build_nets
     from cctr.train import (
+        LOG_EVERY,
         METHODS,
         Contrast,
         amp_dtype,
@@ -100,7 +101,12 @@ def bench_step(repeats: int = 7, size: int | None = None) -> dict:
         m = METHODS[name]
         mcfg = apply_overrides(cfg, [f"train.method={name}"])
         con = Contrast([L.MemoryBank(t.memory_size, cfg.model.proj_dim) for _ in nets], 10.0, 20.0) if m.con else None
-        return (lambda: sum(loss_terms(mcfg, m, nets, batch, con, g, cpu, amp)[0].values())), con
+        calls = iter(range(1 << 62))  # the pair monitor runs on every LOG_EVERY-th step, as in training
+
+        def step() -> torch.Tensor:
+            monitor = next(calls) % LOG_EVERY == 0
+            return sum(loss_terms(mcfg, m, nets, batch, con, g, cpu, amp, monitor=monitor)[0].values())
+        return step, con
 
     steps["step_ct_s"], _ = method_step("ct")
     steps["step_cctr_s"], con = method_step("cctr")
@@ -111,19 +117,37 @@ def bench_step(repeats: int = 7, size: int | None = None) -> dict:
         timed(step)
     while any(len(bk) < bk.size for bk in con.banks):
         timed(steps["step_cctr_s"])
-    # interleaved rounds, so a change in the machine's load during the bench hits every figure alike
-    # (measured one after another, `step_overhead` moved between 0.93 and 1.27 on a loaded machine)
+    # Interleaved rounds, so a change in the machine's load during the bench hits every figure alike
+    # (measured one after another, `step_overhead` moved between 0.93 and 1.27 on a loaded machine).
+    # A block is LOG_EVERY rounds (one monitored cctr step, as in training): each figure is the median
+    # over blocks of the block's mean step.
     times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(repeats):
+    for _ in range(repeats * LOG_EVERY):
         for k, step in steps.items():
             times[k].append(timed(step))
-    res.update({k: statistics.median(v) for k, v in times.items()})
+    blocks = {k: [statistics.fmean(v[i:i + LOG_EVERY]) for i in range(0, len(v), LOG_EVERY)] for k, v in times.items()}
+    res.update({k: statistics.median(v) for k, v in blocks.items()})
     res.setdefault("floor_joint_s", res["floor_s"])
-    # cctr over ct within each round (the two steps run back to back), then the median over rounds
-    res["step_overhead_rounds"] = [c / t for c, t in zip(times["step_cctr_s"], times["step_ct_s"])]
+    # cctr over ct within each block (the two steps run back to back), then the median over blocks
+    res["step_overhead_rounds"] = [c / t for c, t in zip(blocks["step_cctr_s"], blocks["step_ct_s"])]
     res["step_overhead"] = statistics.median(res["step_overhead_rounds"])
     res["ct_over_floor"] = res["step_ct_s"] / res["floor_s"]
     return res
+
+
+def bench_step_threads(threads: int, **kw) -> dict:
+    """`bench_step` on `threads` CPU threads, its figures suffixed `_<threads>t`. Table 1 and sweeps run
+    one cell per core (`--jobs`), so a cell's steps take one thread: the contrast's small [N,M] passes
+    gain less from a second thread than the convolutions do, and the overhead differs between the two."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        res = bench_step(**kw)
+    finally:
+        torch.set_num_threads(old)
+    return {f"{k}_{threads}t": v for k, v in res.items() if k not in ("amp", "bank_mb")}
 
 
 def run_bench(log: Callable[[str], None] = print, smoke: bool = False) -> dict:
@@ -135,11 +159,13 @@ def run_bench(log: Callable[[str], None] = print, smoke: bool = False) -> dict:
     from cctr.metrics import bench_hd95
 
     stages = [("phantom", bench_phantom), ("loader", bench_loader), ("training step", bench_step),
+              ("training step, 1 thread (as Table 1 runs its cells)", partial(bench_step_threads, 1)),
               ("hd95 (medpy side by side: minutes)", bench_hd95)]
     if smoke:
         stages = [("phantom", bench_phantom), ("loader", partial(bench_loader, num_workers=0, size=32, seconds=0.5,
                                                                   warmup_batches=1)),
-                  ("training step", partial(bench_step, repeats=1, size=32))]
+                  ("training step", partial(bench_step, repeats=1, size=32)),
+                  ("training step, 1 thread", partial(bench_step_threads, 1, repeats=1, size=32))]
     res: dict = {}
     for name, fn in stages:
         log(f"bench: {name} ...")

@@ -50,6 +50,9 @@ class Method:
         return self.rsl or self.reps or not self.train
 
 
+# training curves are logged every LOG_EVERY iterations; the pair monitor counts on those steps only
+LOG_EVERY = 10
+
 METHODS: dict[str, Method] = {
     "sup": Method(),
     "ct": Method(unlabeled=True, ct=True),
@@ -239,9 +242,13 @@ def norm_split(t: TrainConfig) -> int:
 
 
 def loss_terms(cfg: RunConfig, method: Method, nets, batch: dict, con: Contrast | None, gen: torch.Generator,
-               device: torch.device, amp: torch.dtype | None = None
+               device: torch.device, amp: torch.dtype | None = None, monitor: bool = True
                ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """All loss terms of one batch (the caller weights and sums them) and the step's monitor counts."""
+    """All loss terms of one batch (the caller weights and sums them) and the step's monitor counts.
+
+    `monitor` False skips the pair monitor (held-back labels; no loss reads it): the loop counts pairs
+    on logging steps only, where a sample of steps estimates the same rates at a fraction of the cost.
+    """
 
     t = cfg.train
     b_l = t.batch_labeled
@@ -256,7 +263,7 @@ def loss_terms(cfg: RunConfig, method: Method, nets, batch: dict, con: Contrast 
     if not method.unlabeled:
         return terms, stats
     la, lb = logits[0][b_l:], logits[1][b_l:]
-    pseudo = (la.detach().argmax(1), lb.detach().argmax(1))  # each net's hard labels, for the other net
+    pseudo = (L.hard_labels(la), L.hard_labels(lb))  # each net's hard labels, for the other net
     zero = img.new_zeros(())
     terms["ct"] = L.cross_teaching(la, lb, C, pseudo) if method.ct else zero
     if method.rsl:
@@ -267,7 +274,8 @@ def loss_terms(cfg: RunConfig, method: Method, nets, batch: dict, con: Contrast 
         stats["rsl_yield"] = float(yielded.float().mean())
         terms["rsl"] = sum(L.rsl_loss(lg, yr, cr, t.conf_threshold, C, ignore | yielded) for lg in (la, lb))
     if method.con:
-        terms.update(contrastive_term(cfg, method, nets, outs, pseudo, y, batch, con, gen, device, stats))
+        terms.update(contrastive_term(cfg, method, nets, outs, pseudo, y, batch, con, gen, device,
+                                      stats if monitor else None))
     return terms, stats
 
 
@@ -285,7 +293,7 @@ def rsl_yield(la: torch.Tensor, lb: torch.Tensor, y_reg: torch.Tensor, conf: flo
 
 
 def contrastive_term(cfg: RunConfig, method: Method, nets, outs, pseudo, y, batch, con: Contrast | None, gen,
-                     device, stats: dict[str, float]) -> dict[str, torch.Tensor]:
+                     device, stats: dict[str, float] | None) -> dict[str, torch.Tensor]:
     """Pixel contrast of each net's anchors against its own batch anchors and memory bank (DESIGN §4);
     `train.contrast: joint` contrasts both nets' anchors together against one bank instead.
     Returns the class part ("con") and, with REPS, the REPS part ("reps"), which the loop weights on their
@@ -294,7 +302,8 @@ def contrastive_term(cfg: RunConfig, method: Method, nets, outs, pseudo, y, batc
     Labels: ground truth on labeled slices, the *other* net's argmax on unlabeled ones. Every anchor
     attribute (label, coordinate, validity, confidence, monitor label) is read at the same pixel
     (`nearest_index`). With REPS, coordinates of pixels rotated in from outside the slice or below the
-    confidence threshold are NaN, so they match nothing.
+    confidence threshold are NaN, so they match nothing. `stats` None: no pair monitor this step (and,
+    without REPS, no partners are searched: only the monitor reads them).
     """
 
     t = cfg.train
@@ -304,7 +313,7 @@ def contrastive_term(cfg: RunConfig, method: Method, nets, outs, pseudo, y, batc
     is_gt = torch.arange(B, device=device) < b_l
     mon = batch["label_mon"].to(device).long() if "label_mon" in batch else torch.full_like(y, -1)
     coords = None
-    if "coords" in batch:  # REPS reads them; without REPS (`cct+rsl`) they feed the pair monitor only
+    if "coords" in batch:  # REPS reads them; without REPS (`cct+rsl`) the pair monitor only (bank entries keep them)
         ok = batch["valid"].to(device) & (batch["c_reg"].to(device).float().reshape(y.shape) >= t.conf_threshold)
         coords = batch["coords"].to(device).float().masked_fill(~ok.unsqueeze(1), float("nan"))
     anchors = []  # per net: (feats, class, case, is-GT, monitor label, coords)
@@ -329,14 +338,16 @@ def contrastive_term(cfg: RunConfig, method: Method, nets, outs, pseudo, y, batc
             k_cls = torch.cat([c, bank.cls.masked_fill(~bank.valid, -1)])
             k_case, k_gt = torch.cat([a_case, bank.case_id]), torch.cat([a_gt, bank.gt])
             k_co, k_mon = torch.cat([a_co, bank.coord]), torch.cat([a_mon, bank.mon])
-        partners = L.reps_partners(a_co, a_case, k_co, k_case, con.cap_xy, con.cap_z) if coords is not None else None
+        pair = coords is not None and (method.reps or stats is not None)
+        partners = L.reps_partners(a_co, a_case, k_co, k_case, con.cap_xy, con.cap_z) if pair else None
         # without REPS the partners are monitored only: no loss reads them
         m = L.contrast_masks(c, a_gt, a_case, k_cls, k_gt, k_case, partners, replace=method.reps,
                              paired_only=t.reps_replace == "paired")
         # REPS has its own normalisation: a few registration positives are not drowned by class positives
         parts = L.masked_supcon_terms(f, keys, [m["pos"], m["reps"]] if method.reps else [m["pos"]], m["denom"], t.tau)
         sums = [a + b for a, b in zip(sums, parts)] if sums else parts
-        _count_pairs(stats, m, a_mon, k_mon, f.detach() @ keys.detach().float().t())
+        if stats is not None:
+            _count_pairs(stats, m, a_mon, k_mon, f.detach() @ keys.detach().float().t())
         if bank is not None:
             bank.push(f.detach(), a_case, c, a_co, a_gt, a_mon)
     return dict(zip(("con", "reps"), sums))
@@ -563,7 +574,7 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
             lr = poly_lr(t.lr, it, t.iters, t.poly_power)
             for g in opt.param_groups:
                 g["lr"] = lr
-            terms, stats = loss_terms(cfg, method, nets, batch, con, gen, device, amp)
+            terms, stats = loss_terms(cfg, method, nets, batch, con, gen, device, amp, monitor=it % LOG_EVERY == 0)
             w_now = {k: L.scheduled_weight(*weights[k], it, t.ramp_iters, crossed_at, t.iters)
                      for k in terms if k != "sup"}
             total = terms["sup"] + sum(w_now[k] * v for k, v in terms.items() if k != "sup")
@@ -588,9 +599,9 @@ def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: 
                 window[key] = window.get(key, 0.0) + v
                 if it < early_end:
                     state.early[key] = state.early.get(key, 0.0) + v
-            if it % 10 == 0 or state.iteration == end:
+            if it % LOG_EVERY == 0 or state.iteration == end:
                 run.log_metrics({"loss": total.item(), "lr": lr, **{f"loss_{k}": v.item() for k, v in terms.items()},
-                                 **{f"w_{k}": v for k, v in w_now.items()}, **monitor_metrics(window, 10)}, it)
+                                 **{f"w_{k}": v for k, v in w_now.items()}, **monitor_metrics(window, LOG_EVERY)}, it)
                 window = {}
             if state.iteration % t.val_every == 0 or state.iteration == t.iters:
                 last_val = _validate(cfg, nets, data, run, state, device, reg_dice if method.unlabeled else None)

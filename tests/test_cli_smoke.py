@@ -61,6 +61,8 @@ def test_bench_smoke_json():
     assert res["step_overhead"] == res["step_cctr_s"] / res["step_ct_s"]
     assert res["ct_over_floor"] == res["step_ct_s"] / res["floor_s"]
     assert res["bank_mb"] > 0
+    # the same figures on one thread (Table 1's cells), side by side
+    assert res["step_overhead_1t"] == res["step_cctr_s_1t"] / res["step_ct_s_1t"] and res["floor_s_1t"] > 0
 
 
 def test_bench_scale_tiny(tmp_path):

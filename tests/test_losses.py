@@ -15,6 +15,7 @@ from cctr.losses import (
     cross_teaching,
     dice_ce,
     dice_loss,
+    hard_labels,
     masked_supcon,
     masked_supcon_terms,
     nearest_index,
@@ -291,6 +292,15 @@ def test_supcon_empty_and_no_positive() -> None:
     assert out.item() == 0.0
     out.backward()
     assert torch.all(a.grad == 0)
+
+
+def test_hard_labels_equal_argmax_ties_included() -> None:
+    """The fast per-pixel class (`max(1).indices`) is `argmax(1)`: the first class on ties, detached."""
+    g = torch.Generator().manual_seed(3)
+    tied = torch.randint(0, 3, (2, 4, 5, 6), generator=g).float().requires_grad_()  # many exact ties
+    assert torch.equal(hard_labels(tied), tied.detach().argmax(1)) and not hard_labels(tied).requires_grad
+    rand = torch.randn(3, 5, 8, 8, generator=g).bfloat16()
+    assert torch.equal(hard_labels(rand), rand.argmax(1))
 
 
 def test_sample_anchors_class_balanced() -> None:

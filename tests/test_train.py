@@ -217,6 +217,23 @@ def test_reps_pairs_are_monitored_without_reps_and_pull_nothing():
     assert 0 < stats["pl_n"] and -1 <= monitor_metrics(stats, 1)["pl_pair_sim"] <= 1
 
 
+def test_pair_monitor_off_changes_no_loss():
+    """Without `stats` (the loop's non-logging steps) nothing is counted, and every loss term and the
+    memory banks are exactly what a monitored step gives: the monitor only reads."""
+    for method in ("cctr", "cct+rsl"):
+        cfg = tiny_cfg(method=method, batch_labeled=1, anchors_per_class=100, conf_threshold=0.5, memory_size=5)
+        runs = []
+        for stats in ({}, None):
+            g, emb, nets, outs, pseudo, y, batch, con = _hand_built_contrast()
+            terms = contrastive_term(cfg, METHODS[method], nets, outs, pseudo, y, batch, con, g,
+                                     torch.device("cpu"), stats)
+            runs.append((stats, terms, con.banks[0].state_dict()))
+        (counted, monitored, bank_m), (_, quiet, bank_q) = runs
+        assert counted["reps_pos"] > 0 and counted["pl_pairs"] > 0
+        assert monitored.keys() == quiet.keys() and all(torch.equal(monitored[k], quiet[k]) for k in monitored)
+        assert all(torch.equal(bank_m[k], bank_q[k]) for k in bank_m)
+
+
 def test_cct_rsl_monitors_the_same_reps_pairs_as_cctr(registration_ready, tmp_path):
     """At the first step both variants see the same batch, weights and empty banks: the REPS pairs that
     `cct+rsl` monitors are exactly those `cctr` pulls (same caps, same gates)."""
