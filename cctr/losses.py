@@ -188,7 +188,7 @@ def masked_supcon_terms(anchors: torch.Tensor, keys: torch.Tensor, positives: Se
     if not bool(rows.all()):
         a, dn, pos, has, counts = a[rows], dn[rows], [p[rows] for p in pos], [h[rows] for h in has], \
             [c[rows] for c in counts]
-    logits = (a / tau) @ keys.float().t()  # 1/τ on the [N,D] anchors, not on the [N,M] similarities
+    logits = (a @ keys.float().t()) / tau
     logits = logits.masked_fill(~dn, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     out = []
