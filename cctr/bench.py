@@ -5,6 +5,7 @@ Targets live in the issues; the benchmark prints figures, tests never time anyth
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 import time
@@ -101,7 +102,7 @@ def bench_step(repeats: int = 7, size: int | None = None) -> dict:
         m = METHODS[name]
         mcfg = apply_overrides(cfg, [f"train.method={name}"])
         con = Contrast([L.MemoryBank(t.memory_size, cfg.model.proj_dim) for _ in nets], 10.0, 20.0) if m.con else None
-        calls = iter(range(1 << 62))  # the pair monitor runs on every LOG_EVERY-th step, as in training
+        calls = itertools.count()  # the pair monitor runs on every LOG_EVERY-th step, as in training
 
         def step() -> torch.Tensor:
             monitor = next(calls) % LOG_EVERY == 0

@@ -178,21 +178,20 @@ def masked_supcon_terms(anchors: torch.Tensor, keys: torch.Tensor, positives: Se
     class and REPS terms of a step), computing the similarities and the log-softmax once."""
     pos = [p & denom for p in positives]
     counts = [p.sum(1) for p in pos]  # positives per anchor (a sum is cheaper than `any` over [N,M] bools)
-    has = [c > 0 for c in counts]
-    rows = torch.stack(has).any(0)
+    rows = torch.stack(counts).gt(0).any(0)
     if anchors.shape[0] == 0 or not bool(rows.any()):
         return [_zero(anchors) for _ in pos]
     # Only anchors with a positive: their denominators are non-empty, so no -inf/NaN reaches autograd.
     # (Rows are selected only when some are left out: copying [N,M] masks is a visible share of a step.)
     a, dn = anchors.float(), denom
     if not bool(rows.all()):
-        a, dn, pos, has, counts = a[rows], dn[rows], [p[rows] for p in pos], [h[rows] for h in has], \
-            [c[rows] for c in counts]
+        a, dn, pos, counts = a[rows], dn[rows], [p[rows] for p in pos], [c[rows] for c in counts]
     logits = (a @ keys.float().t()) / tau
     logits = logits.masked_fill(~dn, float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     out = []
-    for p, h, n in zip(pos, has, counts):
+    for p, n in zip(pos, counts):
+        h = n > 0
         if not bool(h.any()):
             out.append(_zero(anchors))
             continue
