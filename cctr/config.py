@@ -115,7 +115,9 @@ class TrainConfig:
     tau: float = 0.1
     anchors_per_class: int = 32
     memory_size: int = 2048  # per bank; 0 = contrast within the batch only (every contrastive variant alike)
-    contrast: str = "per_net"  # each net against its own anchors and bank | "joint": both nets in one space
+    # each net against its own anchors and bank | "joint": both nets in one space, one bank (measured level
+    # on validation for cct+rsl/cctr and lower for cct+reps on phantom-cardiac: README)
+    contrast: str = "per_net"
     reps_cap: float = 2.0  # REPS match within this many registration-grid cells, in-plane and through-plane
     reps_weight: float = 1.0  # the REPS term's own weight (not drowned by hundreds of class positives)
     # the REPS term's schedule (weight w_con·reps_weight; same choices as rsl_schedule): its positives come
