@@ -98,7 +98,14 @@ def write_rows(path: Path, rows: list[dict]) -> None:
 
 
 def resolve_checkpoint(target: str) -> Path:
-    """A checkpoint path, or an MLflow run id whose best checkpoint we find."""
+    """A checkpoint path, an MLflow run id whose best checkpoint we find, or `runs:/ID/path`.
+
+    A run trained on another machine (its `checkpoint_dir` is not here) has its checkpoint
+    downloaded from the tracking store (through the server) into <cache>/runs/<run id>/.
+    """
+    if target.startswith("runs:/"):
+        rid, _, art = target[len("runs:/"):].partition("/")
+        return _download_checkpoint(rid, art or "checkpoints/best.pt")
     p = Path(target)
     if p.exists():
         return p
@@ -110,7 +117,23 @@ def resolve_checkpoint(target: str) -> Path:
     d = run.data.tags.get("checkpoint_dir")
     if d and (Path(d) / "best.pt").exists():
         return Path(d) / "best.pt"
-    raise CctrError(f"run {target} has no checkpoint on disk (tag checkpoint_dir={d!r})")
+    return _download_checkpoint(target, "checkpoints/best.pt", d)
+
+
+def _download_checkpoint(run_id: str, artifact: str, local_dir: str | None = None) -> Path:
+    from cctr import tracking
+    from cctr.paths import cache_root
+
+    tracking.require_run(run_id)
+    dest = cache_root() / "runs" / run_id
+    done = sorted(dest.rglob(Path(artifact).name)) if dest.is_dir() else []
+    if done:  # downloaded before (a finished run's checkpoint never changes)
+        return done[0]
+    try:
+        return tracking.download_artifact(run_id, artifact, dest)
+    except Exception:  # noqa: BLE001 — not logged (a run still training, or killed)
+        where = f" and none on disk (tag checkpoint_dir={local_dir!r})" if local_dir is not None else ""
+        raise CctrError(f"run {run_id} has no artifact '{artifact}' in the tracking store{where}") from None
 
 
 def evaluate(target: str, split: str = "test", convention: str = "strict") -> dict:

@@ -21,12 +21,85 @@ from cctr.paths import mlruns_root
 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# a lost server fails a call in seconds, not after MLflow's default 7 retries with backoff (minutes)
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 
 _clients: dict[str, Any] = {}
 
+# what MlflowClient accepts as a tracking store: a server, a database (SQLAlchemy URL) or a folder
+REMOTE_SCHEMES = ("http", "https")
+DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
 
 def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` when set (a server `http://host:5000`, a database URL), else the local
+    sqlite store under `CCTR_MLRUNS` (mlruns/mlflow.db)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    return env or local_uri()
+
+
+def local_uri() -> str:
     return f"sqlite:///{(mlruns_root() / 'mlflow.db').resolve()}"
+
+
+def is_local() -> bool:
+    """True for the default store (this machine's mlruns/mlflow.db, artifacts under mlruns/artifacts)."""
+    return tracking_uri() == local_uri()
+
+
+def is_remote() -> bool:
+    return _scheme(tracking_uri()) in REMOTE_SCHEMES
+
+
+def set_tracking_uri(uri: str | None) -> None:
+    """`--tracking-uri`: the store for everything this process logs or reads (and its child processes)."""
+    if uri:
+        os.environ["MLFLOW_TRACKING_URI"] = uri.strip()
+
+
+def _scheme(uri: str) -> str:
+    return uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else "file"
+
+
+def redact(uri: str) -> str:
+    if "@" in uri and "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri
+
+
+def check_store(timeout_s: float = 10.0) -> None:
+    """Fail fast with one line when the tracking store is a bad URL or cannot be reached: called by
+    the commands before any training starts (the default local store is always there)."""
+    uri = tracking_uri()
+    if is_local():
+        return
+    scheme = _scheme(uri)
+    if scheme in REMOTE_SCHEMES:
+        import urllib.error
+        import urllib.request
+        from urllib.parse import urlparse
+
+        if not urlparse(uri).hostname:
+            raise CctrError(f"bad tracking URI '{redact(uri)}': no host")
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+                r.read(64)
+        except urllib.error.HTTPError as e:
+            raise CctrError(f"tracking server {redact(uri)} answered HTTP {e.code} to /health; "
+                            "is it an MLflow server?") from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise CctrError(f"cannot reach the tracking server {redact(uri)}: {reason}") from None
+        client()
+        return
+    if scheme not in DB_SCHEMES and scheme != "file":
+        raise CctrError(f"bad tracking URI '{redact(uri)}': use http(s)://host:port (an MLflow server), "
+                        "a database URL (postgresql://..., sqlite:///...) or leave MLFLOW_TRACKING_URI unset")
+    client()
 
 
 def artifact_root() -> str:
@@ -44,14 +117,38 @@ def client():
 
     uri = tracking_uri()
     if uri not in _clients:
-        root = mlruns_root()
-        root.mkdir(parents=True, exist_ok=True)
-        with open(root / ".store.lock", "a") as lock:
-            _lock(lock)
-            c = MlflowClient(tracking_uri=uri)
-            c.search_experiments(max_results=1)  # builds the store now, under the lock
+        if is_local():
+            root = mlruns_root()
+            root.mkdir(parents=True, exist_ok=True)
+            with open(root / ".store.lock", "a") as lock:
+                _lock(lock)
+                c = MlflowClient(tracking_uri=uri)
+                c.search_experiments(max_results=1)  # builds the store now, under the lock
+        else:  # a server or a shared database: reachable now, or one line naming it
+            if _scheme(uri) in DB_SCHEMES and _scheme(uri) != "sqlite":
+                _probe_database(uri)  # MLflow itself would retry a dead database for minutes
+            try:
+                c = MlflowClient(tracking_uri=uri)
+                c.search_experiments(max_results=1)
+            except Exception as e:  # noqa: BLE001 — connection refused, bad URL, missing driver, auth
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise CctrError(f"cannot use the tracking store {redact(uri)}: {msg[:200]}") from None
         _clients[uri] = c
     return _clients[uri]
+
+
+def _probe_database(uri: str, timeout_s: int = 10) -> None:
+    import sqlalchemy
+
+    try:
+        args = {"connect_timeout": timeout_s} if _scheme(uri) == "postgresql" else {}
+        engine = sqlalchemy.create_engine(uri, connect_args=args)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as e:  # noqa: BLE001 — refused, unknown host, auth, missing driver, bad URL
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CctrError(f"cannot reach the tracking database {redact(uri)}: {msg[:200]}") from None
 
 
 def _lock(f) -> None:
@@ -70,13 +167,14 @@ EXPERIMENT_KIND = "custom_model_development"
 
 
 def experiment_id(name: str) -> str:
-    """One experiment per dataset; created with artifacts under mlruns/artifacts, marked as model
-    training (also when an older store's experiment is reopened)."""
+    """One experiment per dataset; created with artifacts under mlruns/artifacts (a server's own
+    artifact store when tracking is remote), marked as model training (also when an older store's
+    experiment is reopened)."""
     c = client()
     exp = c.get_experiment_by_name(name)
     if exp is None:
         try:
-            exp_id = c.create_experiment(name, artifact_location=f"{artifact_root()}/{name}",
+            exp_id = c.create_experiment(name, artifact_location=f"{artifact_root()}/{name}" if is_local() else None,
                                          tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except Exception:  # created concurrently by another worker
             exp = c.get_experiment_by_name(name)
@@ -171,7 +269,8 @@ class Run:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None, link: bool = False) -> None:
         """`link=True` hard-links into a local artifact store instead of copying (checkpoints are
         hundreds of MB). Only for files that are replaced by rename, never rewritten in place, so the
-        link stays a snapshot of what was logged."""
+        link stays a snapshot of what was logged. Any other artifact store (a server's proxy, S3, a
+        folder on another filesystem) gets an upload through the client."""
         if link and (dest := self._local_artifact_dir(artifact_path)) is not None:
             target = dest / Path(path).name
             try:
@@ -253,4 +352,10 @@ def require_run(run_id: str):
     try:
         return client().get_run(run_id)
     except Exception:
-        raise CctrError(f"no MLflow run with id '{run_id}' in {tracking_uri()}") from None
+        raise CctrError(f"no MLflow run with id '{run_id}' in {redact(tracking_uri())}") from None
+
+
+def download_artifact(run_id: str, path: str, dest: Path) -> Path:
+    """A run's artifact `path` into folder `dest` (wherever the run was trained: through the server)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    return Path(client().download_artifacts(run_id, path, str(dest)))

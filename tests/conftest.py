@@ -23,6 +23,7 @@ def _isolated_store(session_dirs, monkeypatch):
     monkeypatch.setenv("CCTR_CACHE", str(session_dirs["cache"]))
     monkeypatch.setenv("CCTR_MLRUNS", str(session_dirs["mlruns"]))
     monkeypatch.setenv("CCTR_DATA_ROOT", str(session_dirs["data"]))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # never a user's server
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setenv("CCTR_PHANTOM_CASES", "12")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.table import Table
 
-from cctr.cli.common import emit_json
+from cctr.cli.common import TRACKING_URI_HELP, emit_json, use_tracking
 from cctr.console import out
 
 
 def evaluate_cmd(
-    target: str = typer.Argument(..., help="A checkpoint (.pt) or an MLflow run id."),
+    target: Optional[str] = typer.Argument(None, help="A checkpoint (.pt), an MLflow run id or runs:/ID/path."),
     split: str = typer.Option("test", "--split", help="test | val | train"),
     convention: str = typer.Option("strict", "--convention", help="strict | ssl4mis | transunet"),
     as_json: bool = typer.Option(False, "--json"),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="An MLflow run to evaluate, wherever it was "
+                                         "trained: its best.pt is downloaded from the tracking store if not here."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_URI_HELP),
 ) -> None:
     """Per-case x per-class metrics (CSV), a summary table, and the same logged to the run."""
     from cctr.evaluate import evaluate
 
-    res = evaluate(target, split, convention)
+    from cctr.errors import CctrError
+
+    if (target is None) == (run_id is None):
+        raise CctrError("give a checkpoint or run id, or --run-id ID (one of them)")
+    use_tracking(tracking_uri)
+    res = evaluate(target or run_id, split, convention)
     if as_json:
         emit_json(res["summary"] | {"csv": str(res["csv"]), "run_id": res["run_id"]})
         return

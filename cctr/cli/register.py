@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cctr.cli.common import emit_json
+from cctr.cli.common import TRACKING_URI_HELP, emit_json, use_tracking
 from cctr.console import console, out
 
 app = typer.Typer(help="Registration stage: train, apply (label transfer + coordinates), report.",
@@ -46,11 +46,13 @@ def train(
     seed: int = _SEED,
     labeled: int = typer.Option(1, "--labeled", help="Labeled count (used only by the optional Dice term)."),
     as_json: bool = typer.Option(False, "--json"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_URI_HELP),
 ) -> None:
     """Train on random pairs of training cases (resumes an interrupted run)."""
     from cctr.registration.train import train_registration
 
     cfg = _cfg(dataset, config, preset, sets)
+    use_tracking(tracking_uri)
     t0 = time.perf_counter()
     path = train_registration(dataset, cfg, _split(dataset, labeled, seed), progress=not as_json)
     res = {"dataset": dataset, "checkpoint": str(path), "seconds": time.perf_counter() - t0}

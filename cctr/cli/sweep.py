@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cctr.cli.common import emit_json
+from cctr.cli.common import TRACKING_URI_HELP, emit_json, use_tracking
 from cctr.console import console, out
 
 
@@ -18,7 +18,9 @@ def sweep_cmd(
     trials: int = typer.Option(8, "--trials", help="Finished (complete or pruned) trials per study."),
     space: Optional[Path] = typer.Option(None, "--space", help="Search space YAML (default: the repo's "
                                          "sweeps/default.yaml, found from any directory)."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: mlruns/optuna.db)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: mlruns/optuna.db); "
+                                           "a shared PostgreSQL URL lets workers on many machines join "
+                                           "one study (docs/cluster.md)."),
     preset: str = typer.Option("quick", "--preset", help="quick | paper"),
     config: Optional[Path] = typer.Option(None, "--config", help="Run YAML (default experiments/<dataset>.yaml)."),
     overrides: list[str] = typer.Option([], "--set", help="section.key=value for every trial."),
@@ -28,6 +30,7 @@ def sweep_cmd(
                                        "(default: one per core or GPU, at most --trials)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads per worker (default: cores // jobs)."),
     as_json: bool = typer.Option(False, "--json"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_URI_HELP),
 ) -> None:
     """One Optuna study per labeled count; every trial is a nested MLflow run that really trains."""
     from cctr.config import default_config_path, load_config
@@ -48,6 +51,7 @@ def sweep_cmd(
         from cctr.errors import CctrError
 
         raise CctrError(f"--jobs must be >= 1, got {jobs}")
+    use_tracking(tracking_uri)
     results = run_sweep(cfg, counts, sp, trials, storage, timeout, heartbeat,
                         log=lambda m: console.print(m, markup=False), progress=not as_json,
                         jobs=jobs or default_jobs(trials), threads=threads)
@@ -100,18 +104,29 @@ def table1_cmd(
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Also write the qualitative and curve figures."),
     out_dir: Path = typer.Option(Path("results"), "--out"),
     as_json: bool = typer.Option(False, "--json"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL shared by workers on many "
+                                          "machines: each cell is claimed by one worker, a dead worker's cell is "
+                                          "retried (docs/cluster.md). Default: this machine only."),
+    collect: bool = typer.Option(False, "--collect", help="Train nothing: write the table from the tracking "
+                                 "store's finished cells."),
+    heartbeat: int = typer.Option(30, "--heartbeat", help="Seconds between worker heartbeats (with --storage)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_URI_HELP),
 ) -> None:
     """Run every Table-1 cell not finished yet (in parallel), then write results/table1_<dataset>.*"""
     from cctr.config import EXPERIMENTS
     from cctr.data.datasets import get_spec
     from cctr.errors import CctrError
-    from cctr.table1 import disk_usage, load_table_spec, run_table, write_table
+    from cctr.table1 import collect_records, disk_usage, load_table_spec, run_table, write_table
 
     ds_spec = get_spec(dataset)
     path = spec or EXPERIMENTS / f"table1_{dataset.replace('-', '_')}.yaml"
     ts = load_table_spec(path, preset, seeds)
-    records = run_table(ts, log=lambda m: console.print(m, markup=False), progress=not as_json, jobs=jobs,
-                        threads=threads, register=register)
+    use_tracking(tracking_uri)
+    if collect:
+        records = collect_records(ts, dataset)
+    else:
+        records = run_table(ts, log=lambda m: console.print(m, markup=False), progress=not as_json, jobs=jobs,
+                            threads=threads, register=register, storage=storage, heartbeat_s=heartbeat)
     files = write_table(ts, records, dataset, ds_spec.class_names, out_dir, figures=figures)
     failed = [r for r in records if r.get("status") != "FINISHED"]
     if as_json:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cctr.cli.common import emit_json
+from cctr.cli.common import TRACKING_URI_HELP, emit_json, use_tracking
 from cctr.console import out
 
 
@@ -20,6 +20,7 @@ def train_cmd(
     overrides: list[str] = typer.Option([], "--set", help="section.key=value, repeatable."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from a last.pt checkpoint."),
     as_json: bool = typer.Option(False, "--json", help="Print the final metrics as one JSON object."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_URI_HELP),
 ) -> None:
     """Train one configuration; logs everything to MLflow and keeps best/last checkpoints."""
     from cctr.config import load_config
@@ -34,6 +35,7 @@ def train_cmd(
     if seed is not None:
         sets.append(f"train.seed={seed}")
     cfg = load_config(config, preset, sets)
+    use_tracking(tracking_uri)
     res = train(cfg, resume.parent if resume else new_run_dir(cfg), resume=resume, progress=not as_json)
     summary = {"run_id": res.run_id, "run_dir": str(res.run_dir), **res.metrics}
     if as_json:
