@@ -60,7 +60,7 @@ def method_predictions(spec, records: list[dict], dataset: str, slices: list[tup
     from cctr.data.datasets import load_dataset
     from cctr.evaluate import load_nets
     from cctr.inference import predict_volume
-    from cctr.table1 import cell_config, cell_split
+    from cctr.table1.plan import cell_config, cell_split
 
     ds = load_dataset(dataset)
     out: dict[str, dict[str, np.ndarray] | None] = {}
@@ -95,7 +95,7 @@ def qualitative_figure(spec, records: list[dict], dataset: str, path: Path, n_ca
     """Fig. 3 style: one row per test slice; image, ground truth, then every method's prediction
     (best-val checkpoint) at the first labeled count and the first seed."""
     from cctr.data.datasets import load_dataset
-    from cctr.table1 import cell_config, cell_split
+    from cctr.table1.plan import cell_config, cell_split
     from cctr.viz import add_class_legend, label_overlay
 
     labeled = spec.labeled[0] if labeled is None else labeled
