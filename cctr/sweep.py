@@ -136,15 +136,18 @@ def _make_sampler(d: dict):
     return table[kind](**d)
 
 
-def make_storage(url: str, heartbeat_s: int):
-    """An RDB storage with heartbeats: a killed worker's trial becomes FAIL and is retried."""
+def make_storage(url: str, heartbeat_s: int, on_stale: Callable | None = None):
+    """An RDB storage with heartbeats: a killed worker's trial becomes FAIL and is retried
+    (`on_stale(study, trial)` replaces the sweep's retry, for boards of tasks: `cctr.claims`)."""
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
 
-    def on_stale(study, trial) -> None:
+    def sweep_stale(study, trial) -> None:
         _close_orphan_run(trial)
         retry(study, trial)
+
+    on_stale = on_stale or sweep_stale
 
     engine: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
@@ -244,7 +247,7 @@ def run_sweep(
     deadline = time.time() + timeout_s if timeout_s else None
     velocities: dict = {}  # pairs shared by the nested labeled sets are registered once
     for n_lab, cfg, split in zip(labeled_counts, cfgs, splits):
-        _prepare_registration(cfg, split, velocities)  # trained/applied once, reused by every trial
+        _prepare_registration(cfg, split, velocities, url, heartbeat_s)  # trained/applied once, reused by every trial
         name = study_name(cfg.data.dataset, n_lab, space)
         study, owner = _open_study(name, storage, space)
         parent = _parent_run(study, cfg, name, owner, space)
@@ -273,13 +276,15 @@ def _check_inputs(cfg: RunConfig):
     return make_split(load_dataset(cfg.data.dataset), cfg.data.labeled, cfg.data.seed, cfg.data.labeled_seed)
 
 
-def _prepare_registration(cfg: RunConfig, split, velocities: dict) -> None:
+def _prepare_registration(cfg: RunConfig, split, velocities: dict, storage: str | None = None,
+                          heartbeat_s: int = 30) -> None:
     from cctr.train import get_method
 
     if get_method(cfg.train.method).needs_registration:
         from cctr.registration import ensure_registration, registration_maps
 
-        ensure_registration(cfg.data.dataset, cfg.registration, split, progress=False)
+        ensure_registration(cfg.data.dataset, cfg.registration, split, progress=False, storage=storage,
+                            heartbeat_s=heartbeat_s)
         registration_maps(cfg.data.dataset, cfg.registration, split, velocities=velocities)
 
 

@@ -86,6 +86,8 @@ def find_checkpoint(dataset: str, cfg: RegistrationConfig, split: Split) -> Path
     """The finished model for this (dataset, config, split), or a CctrError naming the command to run."""
     check_config(cfg)
     path = checkpoint_path(dataset, cfg, split)
+    if not _finished(path, cfg):
+        fetch_shared(dataset, cfg, split)  # trained on another machine of a shared store
     done = False
     if path.is_file():
         ck = load_checkpoint(path, FORMAT)
@@ -289,7 +291,84 @@ def refine_velocity(model: RegNet, moving: torch.Tensor, fixed: torch.Tensor, af
     return v.detach()
 
 
+def _finished(path: Path, cfg: RegistrationConfig) -> bool:
+    try:
+        return path.is_file() and int(load_checkpoint(path, FORMAT)["iteration"]) >= int(cfg.iters)
+    except CctrError:
+        return False
+
+
+def fetch_shared(dataset: str, cfg: RegistrationConfig, split: Split) -> Path | None:
+    """The finished model from a shared tracking store (a server, or a database other machines use):
+    another machine trained it and logged its checkpoint; it is downloaded to this machine's cache,
+    byte for byte, so the maps made here from it equal theirs. None when the store has none (or is
+    this machine's own store, where the cache already is the truth)."""
+    from cctr import tracking
+
+    if tracking.is_local():
+        return None
+    key = model_key(dataset, cfg, split)
+    path = checkpoint_path(dataset, cfg, split)
+    runs = tracking.find_runs(dataset, f"tags.registration_key = '{key}' and attributes.status = 'FINISHED'")
+    for r in sorted(runs, key=lambda r: r.info.start_time):
+        tmp = path.parent / f".download-{r.info.run_id}"
+        try:
+            got = tracking.download_artifact(r.info.run_id, "checkpoint/last.pt", tmp)
+            if not _finished(got, cfg):
+                continue
+            got.replace(path)
+            return path
+        except Exception:  # noqa: BLE001 — not logged (an older run), or unreadable: try the next
+            continue
+        finally:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return None
+
+
 def ensure_registration(dataset: str, cfg: RegistrationConfig, split: Split | None = None,
-                        progress: bool = True) -> Path:
-    """The finished model for `cfg`: reused when present, trained (or resumed) otherwise."""
-    return train_registration(dataset, cfg, split, progress)
+                        progress: bool = True, storage: str | None = None, heartbeat_s: int = 30,
+                        log=None) -> Path:
+    """The finished model for `cfg`: reused when present, trained (or resumed) otherwise.
+
+    With a shared tracking store, a model another machine trained is downloaded instead; with a
+    shared Optuna `storage` too, of several workers that start at the same time one trains it (a
+    claim through the storage, `cctr.claims`) and the others wait for it and download it; should
+    that worker die, another takes over.
+    """
+    from cctr import tracking
+
+    split = default_split(dataset, split)
+    path = checkpoint_path(dataset, cfg, split)
+    if _finished(path, cfg) or tracking.is_local():
+        return train_registration(dataset, cfg, split, progress)
+    if fetch_shared(dataset, cfg, split) is not None:
+        (log or (lambda m: None))(f"registration model {model_key(dataset, cfg, split)}: downloaded from the "
+                                  "tracking store")
+        return path
+    if storage is None:
+        return train_registration(dataset, cfg, split, progress)
+    from cctr.claims import Board
+
+    key = model_key(dataset, cfg, split)
+    board = Board(storage, f"registration-{dataset}-{key}", heartbeat_s)
+    board.publish({key: None})
+    while True:
+        claim = board.claim()
+        if claim is not None:
+            try:
+                with board.heartbeat(claim):
+                    train_registration(dataset, cfg, split, progress)
+            except BaseException:
+                board.fail(claim)
+                raise
+            board.complete(claim)
+            return path
+        if fetch_shared(dataset, cfg, split) is not None:
+            (log or (lambda m: None))(f"registration model {key}: trained by another worker, downloaded")
+            return path
+        states = board.states().get(key, set())
+        if "COMPLETE" in states or board.open_work() == 0:  # finished but not found, or given up: here
+            return train_registration(dataset, cfg, split, progress)
+        time.sleep(2.0)
