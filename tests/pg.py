@@ -118,7 +118,7 @@ def mlflow_server(backend_url: str, artifacts: Path, log: Path):
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
+            proc.wait(5)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(proc.pid, signal.SIGKILL)
         f.close()

@@ -87,7 +87,7 @@ def server_runs(url: str, flt: str) -> list:
 
 def test_two_machines_share_one_server_study_and_table(pg, server, tmp_path):
     t0 = time.monotonic()
-    spec = table_spec(tmp_path, "table1_two")
+    spec = table_spec(tmp_path, "table1_two", seeds=[0])
     storage = pg.database()
     a, b = machine(tmp_path, "machine_a", server), machine(tmp_path, "machine_b", server)
     args = ["table1", "--spec", str(spec), "--dataset", "phantom-cardiac", "--storage", storage, "--jobs", "1",
@@ -100,12 +100,12 @@ def test_two_machines_share_one_server_study_and_table(pg, server, tmp_path):
     print(f"\ntable1 on two machines: {time.monotonic() - t0:.0f} s; cells per worker: "
           f"A {cells[0]}, B {cells[1]}")
     assert sorted(cells[0] + cells[1]) == sorted({*cells[0], *cells[1]})  # no cell trained twice
-    assert len(cells[0]) + len(cells[1]) == 6 and cells[0] and cells[1]  # every cell, by both machines
+    assert len(cells[0]) + len(cells[1]) == 3 and cells[0] and cells[1]  # every cell, by both machines
 
     # every cell is in the server, FINISHED, once; the registration net was trained once
     runs = server_runs(server, "tags.table1 = 'table1_two' and tags.role = 'cell'")
-    assert len(runs) == 6 and {r.info.status for r in runs} == {"FINISHED"}
-    assert len({r.data.tags["config_hash"] for r in runs}) == 6
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+    assert len({r.data.tags["config_hash"] for r in runs}) == 3
     reg = server_runs(server, "tags.stage = 'registration'")
     print(f"registration runs in the server: {len(reg)}")
     assert len(reg) == 1 and reg[0].info.status == "FINISHED"
@@ -115,7 +115,7 @@ def test_two_machines_share_one_server_study_and_table(pg, server, tmp_path):
     space = write_yaml(tmp_path / "space.yaml", TINY_SPACE)
     ct = dict(TINY, train={**TINY["train"], "method": "ct"})
     cfg = write_yaml(tmp_path / "ct.yaml", ct)
-    sargs = ["sweep", "--config", str(cfg), "--dataset", "phantom-cardiac", "--labeled", "1", "--trials", "3",
+    sargs = ["sweep", "--config", str(cfg), "--dataset", "phantom-cardiac", "--labeled", "1", "--trials", "2",
              "--space", str(space), "--storage", storage, "--json", "--jobs", "1", "--heartbeat", "2"]
     procs = [start(m, *sargs) for m in (a, b)]
     outs2 = [p.communicate(timeout=900) for p in procs]
@@ -125,7 +125,7 @@ def test_two_machines_share_one_server_study_and_table(pg, server, tmp_path):
 
     study = optuna.load_study(study_name="phantom-cardiac-l1-space", storage=storage)
     ids = [t.user_attrs["mlflow_run_id"] for t in study.get_trials() if "mlflow_run_id" in t.user_attrs]
-    assert len(ids) >= 3 and len(set(ids)) == len(ids)
+    assert len(ids) >= 2 and len(set(ids)) == len(ids)
     tracked = {r.info.run_id: r for r in server_runs(server, "tags.optuna_study = 'phantom-cardiac-l1-space'")}
     assert set(ids) <= set(tracked)  # every trial is in the server
     print(f"sweep trials in the server: {len(ids)}")
@@ -147,7 +147,7 @@ def test_two_machines_share_one_server_study_and_table(pg, server, tmp_path):
 
 def test_a_killed_worker_leaves_its_cell_to_the_other(pg, server, tmp_path):
     spec = table_spec(tmp_path, "table1_kill", methods=["sup"],
-                      set=["train.iters=40", "train.val_every=20", "train.ramp_iters=1"])
+                      set=["train.iters=20", "train.val_every=10", "train.ramp_iters=1"])
     storage = pg.database()
     a, b = machine(tmp_path, "machine_a", server), machine(tmp_path, "machine_b", server)
     args = ["table1", "--spec", str(spec), "--dataset", "phantom-cardiac", "--storage", storage, "--jobs", "1",
@@ -160,10 +160,10 @@ def test_a_killed_worker_leaves_its_cell_to_the_other(pg, server, tmp_path):
         if ": training (trial" in line or time.monotonic() > deadline:
             break
     assert any(": training (trial" in x for x in lines), "".join(lines)
-    survivor = start(b, *args, "--out", str(b["cwd"] / "results"))
-    time.sleep(3)
+    time.sleep(2)
     os.killpg(victim.pid, signal.SIGKILL)  # mid-cell: no cleanup at all
     victim.wait(30)
+    survivor = start(b, *args, "--out", str(b["cwd"] / "results"))
     killed_cell = trained_cells("".join(lines))[0]
     out, err = survivor.communicate(timeout=600)
     assert survivor.returncode == 0, err[-3000:]
