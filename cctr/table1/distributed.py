@@ -12,6 +12,7 @@ from the store alone. Cells already FINISHED in the store (from an earlier run) 
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable
 
@@ -122,7 +123,7 @@ def work(board, spec: Table1Spec, parent: str, progress: bool, log: Callable[[st
             + (f", retry {claim.retry}" if claim.retry else "") + (", resuming" if resume else "") + ")")
         t0 = time.monotonic()
         tags = {"table1": spec.name, "role": "cell", "config_hash": hashes[c], "labeled_cases": ",".join(split.labeled),
-                "table1_pid": os.getpid(), "optuna_study": board.name, "optuna_trial": claim.number}
+                "table1_pid": os.getpid(), "table1_host": socket.gethostname(), "optuna_study": board.name, "optuna_trial": claim.number}
         res = train(cfg, run_dir, resume=resume, progress=progress, parent_run_id=parent, tags=tags,
                     on_start=lambda rid: board.set_attr(claim, "mlflow_run_id", rid))
         log(f"{name}: finished in {time.monotonic() - t0:.0f} s")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -93,10 +94,15 @@ def _lock_table(dataset: str, name: str):
 
 def _end_stale_runs(dataset: str, name: str, log: Callable[[str], None]) -> None:
     """Cells left RUNNING by a process that died without cleaning up (SIGKILL, power loss): we hold
-    the table lock, so nobody else runs them; they end KILLED."""
+    the table lock, so nobody else runs them; they end KILLED. In a tracking store shared with other
+    machines only this host's runs are ours to end (the lock is this host's)."""
+    import socket
+
     from cctr import tracking
 
     for r in _table_runs(dataset, name, "RUNNING") + _table_runs(dataset, name, "RUNNING", "table"):
+        if not tracking.is_local() and r.data.tags.get("table1_host") != socket.gethostname():
+            continue
         tracking.end_run(r.info.run_id, "KILLED", "the table process ended without finishing this cell")
         log(f"marked stale run {r.info.run_id} ({r.info.run_name}) KILLED")
 
@@ -256,6 +262,9 @@ def run_table(spec: Table1Spec, log: Callable[[str], None] = print, progress: bo
         if threading.current_thread() is threading.main_thread():  # SIGTERM/kill ends runs like Ctrl-C
             restore = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
             signal.signal(signal.SIGTERM, workers.raise_interrupt)
+        if not tracking.is_local():
+            log("the tracking store is shared but this table's cells are not: with --storage URL workers on "
+                "other machines share them (docs/cluster.md)")
         _end_stale_runs(dataset, spec.name, log)
         finished = _finished_by_hash(dataset, spec.name)
         hashes = {c: config_hash(to_dict(cfgs[c])) for c in all_cells}
@@ -271,7 +280,8 @@ def run_table(spec: Table1Spec, log: Callable[[str], None] = print, progress: bo
             log(f"{len(todo)} of {len(all_cells)} cells to train: {n_jobs} worker(s), {n_threads} thread(s) each")
             parents = tracking.find_runs(dataset, f"tags.table1 = '{spec.name}' and tags.role = 'table'")
             parent_id = parents[0].info.run_id if parents else None
-            with tracking.start_run(dataset, f"table1-{spec.name}", tags={"table1": spec.name, "role": "table"},
+            with tracking.start_run(dataset, f"table1-{spec.name}", tags={"table1": spec.name, "role": "table",
+                                                                          "table1_host": socket.gethostname()},
                                     params={"methods": spec.methods, "labeled": spec.labeled,
                                             "seeds": spec.seeds, "preset": spec.preset,
                                             "config": spec.config, "overrides": spec.overrides}
@@ -280,7 +290,8 @@ def run_table(spec: Table1Spec, log: Callable[[str], None] = print, progress: bo
                 for i, (c, split) in enumerate(zip(todo, splits)):
                     tasks.append({"index": i, "config": to_dict(cfgs[c]), "parent_run_id": parent.run_id,
                                   "tags": {"table1": spec.name, "role": "cell", "config_hash": hashes[c],
-                                           "labeled_cases": ",".join(split.labeled), "table1_pid": os.getpid()}})
+                                           "labeled_cases": ",".join(split.labeled), "table1_pid": os.getpid(),
+                                           "table1_host": socket.gethostname()}})
                 names = [f"[{i + 1}/{len(todo)}] {_cell_name(c)}" for i, c in enumerate(todo)]
                 try:
                     if n_jobs == 1:
