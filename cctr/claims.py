@@ -70,6 +70,15 @@ class Board:
                 self.enqueue(key, payload, 0)
         self.study.set_user_attr(PUBLISHED, True)
 
+    def revive(self, tasks: dict[str, Any]) -> list[str]:
+        """Enqueue again, with fresh retries, the given tasks whose every trial failed (a re-run after
+        the retries were spent). Returns their keys."""
+        states = self.states()
+        again = [k for k in tasks if k in states and states[k] == {"FAIL"}]
+        for k in again:
+            self.enqueue(k, tasks[k], 0)
+        return again
+
     def enqueue(self, key: str, payload: Any, retry: int) -> None:
         self.study.enqueue_trial({}, user_attrs={TASK: key, PAYLOAD: payload, RETRY: retry}, skip_if_exists=False)
 

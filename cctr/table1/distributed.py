@@ -72,8 +72,11 @@ def run_distributed(spec: Table1Spec, storage: str, log: Callable[[str], None] =
     board = _board(storage, spec, dataset, heartbeat_s)
     parent = _parent_run(board, spec, dataset)
     finished = _finished_by_hash(dataset, spec.name)
-    board.publish({_cell_name(c): list(c) for c in all_cells if hashes[c] not in finished})
+    missing = {_cell_name(c): list(c) for c in all_cells if hashes[c] not in finished}
+    board.publish(missing)
     board.fail_stale()
+    for k in board.revive(missing):  # failed on every retry in an earlier run: this run tries again
+        log(f"{k}: failed before, enqueued again")
     open_keys = {t.user_attrs.get("task") for t in board.trials() if t.state.name in ("WAITING", "RUNNING")}
     todo = [c for c in all_cells if _cell_name(c) in open_keys]
     log(f"table {spec.name}: study {board.name} ({'created' if board.owner else 'joined'}), "
