@@ -165,10 +165,13 @@ class Board:
         return len(self.trials((TrialState.WAITING, TrialState.RUNNING)))
 
     def work(self, do: Callable[[Claim], float], log: Callable[[str], None] = print, poll_s: float = 2.0,
-             should_stop: Callable[[], bool] = lambda: False) -> dict[str, str]:
+             should_stop: Callable[[], bool] = lambda: False,
+             fatal: Callable[[Claim, Exception], Exception | None] | None = None) -> dict[str, str]:
         """Claim and do tasks until none is waiting or running anywhere; returns key -> outcome
         ("done", "failed: ...") of the tasks this worker did. A task that raises is failed and
-        enqueued again; Ctrl-C fails it (another worker, or a re-run, retries it) and propagates."""
+        enqueued again; Ctrl-C fails it (another worker, or a re-run, retries it) and propagates.
+        `fatal(claim, error)` may return an exception that ends this worker after the task is
+        failed (e.g. the tracking server is gone: no point in claiming more)."""
         done: dict[str, str] = {}
         while not should_stop():
             claim = self.claim()
@@ -185,6 +188,9 @@ class Board:
                 raise
             except Exception as e:  # noqa: BLE001 — one failed task must not stop the others
                 again = self.fail(claim)
+                stop = fatal(claim, e) if fatal is not None else None
+                if stop is not None:
+                    raise stop from None
                 done[claim.key] = f"failed: {type(e).__name__}: {e}"
                 log(f"{claim.key}: failed ({type(e).__name__}: {e})" + ("; enqueued again" if again else ""))
             else:

@@ -349,7 +349,15 @@ def _optimize(study, cfg: RunConfig, space: Space, n_trials: int, parent: str, d
         if deadline and time.time() > deadline:
             log("sweep: timeout reached")
             break
-        study.optimize(objective, n_trials=1, catch=(), gc_after_trial=True)
+        try:
+            study.optimize(objective, n_trials=1, catch=(), gc_after_trial=True)
+        except Exception:
+            from cctr import tracking
+
+            if tracking.reachable():
+                raise
+            raise CctrError(f"lost the tracking store {tracking.redact(tracking.tracking_uri())}: the trial is "
+                            "failed in the study (other workers go on; a re-run joins again)") from None
 
 
 def _optimize_parallel(url: str, heartbeat_s: int, name: str, cfg: RunConfig, space: Space, n_trials: int,

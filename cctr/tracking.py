@@ -139,6 +139,24 @@ def client():
     return _clients[uri]
 
 
+def reachable(timeout_s: float = 10.0) -> bool:
+    """Whether the tracking store answers now (after a failure: was it the store that went away?)."""
+    uri = tracking_uri()
+    if is_local():
+        return True
+    try:
+        if _scheme(uri) in REMOTE_SCHEMES:
+            import urllib.request
+
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+                r.read(64)
+        elif _scheme(uri) != "sqlite":
+            _probe_database(uri, int(timeout_s))
+        return True
+    except (OSError, ValueError, CctrError):
+        return False
+
+
 def _probe_database(uri: str, timeout_s: int = 10) -> None:
     import sqlalchemy
 

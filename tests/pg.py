@@ -90,6 +90,9 @@ def postgres_server():
             pg.drop_all()
 
 
+PROCS: dict[str, subprocess.Popen] = {}  # url -> the server process (a test may kill it)
+
+
 def mlflow_server(backend_url: str, artifacts: Path, log: Path):
     """Generator for a fixture: `mlflow server` (database backend, `--serve-artifacts` proxy) on a
     free loopback port; yields its URL once /health answers."""
@@ -114,6 +117,7 @@ def mlflow_server(backend_url: str, artifacts: Path, log: Path):
                     f.flush()
                     pytest.fail(f"mlflow server did not start: {log.read_text()[-1500:]}")
                 time.sleep(0.5)
+        PROCS[url] = proc
         yield url
     finally:
         try:

@@ -212,3 +212,37 @@ def test_evaluate_by_run_id_downloads_the_checkpoint(pg, server, tmp_path):
     for target in (["--run-id", res["run_id"]], [f"runs:/{res['run_id']}/checkpoints/best.pt"]):
         got = json.loads(run(b, "evaluate", *target, "--json").stdout)
         assert got["dice"] == pytest.approx(res["test_dice"]) and got["run_id"] == res["run_id"]
+
+
+def test_a_worker_that_loses_the_server_fails_its_cell_for_another(pg, tmp_path):
+    """The tracking server dies mid-cell: the worker ends with one line (exit 2), its cell is failed
+    in the study and enqueued again for another worker, and its last.pt stays for a re-run here."""
+    import optuna
+
+    from cctr.table1 import load_table_spec
+    from cctr.table1.distributed import study_name
+    from tests.pg import PROCS
+
+    gen = mlflow_server(pg.database(), tmp_path / "artifacts", tmp_path / "server.log")
+    url = next(gen)
+    try:
+        spec = table_spec(tmp_path, "table1_lost", methods=["sup"], seeds=[0],
+                          set=["train.iters=40", "train.val_every=20", "train.ramp_iters=1"])
+        storage = pg.database()
+        a = machine(tmp_path, "machine_a", url)
+        w = start(a, "table1", "--spec", str(spec), "--dataset", "phantom-cardiac", "--storage", storage,
+                  "--jobs", "1", "--no-figures", "--heartbeat", "2", "--out", str(a["cwd"] / "results"))
+        for line in w.stderr:
+            if ": training (trial" in line:
+                break
+        time.sleep(3)
+        os.killpg(PROCS[url].pid, signal.SIGKILL)
+        _, err = w.communicate(timeout=300)
+        assert w.returncode == 2, err[-3000:]
+        assert "lost the tracking store" in err.strip().splitlines()[-1], err[-3000:]
+        ts = optuna.load_study(study_name=study_name(load_table_spec(spec), "phantom-cardiac"), storage=storage)
+        states = sorted(t.state.name for t in ts.get_trials())
+        assert states == ["FAIL", "WAITING"], states  # failed, and waiting for another worker
+        assert list((a["cwd"] / "mlruns" / "checkpoints").rglob("last.pt"))
+    finally:
+        gen.close()

@@ -22,9 +22,8 @@ def evaluate_cmd(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_URI_HELP),
 ) -> None:
     """Per-case x per-class metrics (CSV), a summary table, and the same logged to the run."""
-    from cctr.evaluate import evaluate
-
     from cctr.errors import CctrError
+    from cctr.evaluate import evaluate
 
     if (target is None) == (run_id is None):
         raise CctrError("give a checkpoint or run id, or --run-id ID (one of them)")

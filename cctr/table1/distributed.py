@@ -119,6 +119,7 @@ def work(board, spec: Table1Spec, parent: str, progress: bool, log: Callable[[st
         if hashes[c] in _finished_by_hash(dataset, spec.name):  # finished, but its trial was not closed
             log(f"{name}: finished already")
             return 0.0
+        _end_orphans(board, claim)
         split = cell_split(cfg)
         run_dir = run_dir_for(cfg)
         resume = _resume_point(cfg, run_dir, spec.name)
@@ -132,7 +133,33 @@ def work(board, spec: Table1Spec, parent: str, progress: bool, log: Callable[[st
         log(f"{name}: finished in {time.monotonic() - t0:.0f} s")
         return float(res.metrics.get("val_best_dice", 0.0))
 
-    return board.work(do, log)
+    def fatal(claim, e: Exception):
+        from cctr import tracking
+        from cctr.errors import CctrError
+
+        if tracking.reachable():
+            return None
+        return CctrError(f"lost the tracking store {tracking.redact(tracking.tracking_uri())} during "
+                         f"{claim.key}: the cell is failed in the study (another worker retries it); its last.pt "
+                         f"stays under {run_dir_for(cell_config(spec, *claim.payload))} for a re-run here")
+
+    return board.work(do, log, fatal=fatal)
+
+
+def _end_orphans(board, claim) -> None:
+    """Runs of this cell's earlier, failed attempts still RUNNING (their worker lost the tracking
+    server, or died before its heartbeat expired): end them KILLED, so none stays RUNNING."""
+    from cctr import tracking
+
+    for t in board.trials():
+        rid = t.user_attrs.get("mlflow_run_id")
+        if t.user_attrs.get("task") != claim.key or t.state.name != "FAIL" or not rid:
+            continue
+        try:
+            if tracking.client().get_run(rid).info.status == "RUNNING":
+                tracking.end_run(rid, "KILLED", "its worker lost the tracking store or died; retried")
+        except Exception:  # noqa: BLE001 — gone, or not ours to see
+            pass
 
 
 def _work_parallel(storage: str, spec: Table1Spec, dataset: str, parent: str, heartbeat_s: int, jobs: int,
@@ -146,6 +173,7 @@ def _work_parallel(storage: str, spec: Table1Spec, dataset: str, parent: str, he
     args = (storage, spec, dataset, parent, heartbeat_s, threads, os.getpid(), rq)
     procs = workers.spawn(_worker, lambda w: args, jobs, threads, "cctr-table1-worker")
     done: dict[str, str] = {}
+    errors: list[str] = []
     try:
         while any(p.is_alive() for p in procs) or not rq.empty():
             try:
@@ -154,6 +182,8 @@ def _work_parallel(storage: str, spec: Table1Spec, dataset: str, parent: str, he
                 continue
             if kind == "log":
                 log(a)
+            elif kind == "error":
+                errors.append(a)
             else:
                 done.update(a)
     except BaseException:
@@ -161,6 +191,10 @@ def _work_parallel(storage: str, spec: Table1Spec, dataset: str, parent: str, he
         raise
     for p in procs:
         p.join(30)
+    if errors:
+        from cctr.errors import CctrError
+
+        raise CctrError(errors[0])
     return done
 
 
@@ -173,3 +207,5 @@ def _worker(storage: str, spec: Table1Spec, dataset: str, parent: str, heartbeat
         rq.put(("done", work(board, spec, parent, False, lambda m: rq.put(("log", m)))))
     except KeyboardInterrupt:
         return
+    except Exception as e:  # noqa: BLE001 — the parent reports it as one line
+        rq.put(("error", str(e) if type(e).__name__ == "CctrError" else f"{type(e).__name__}: {e}"))
