@@ -232,10 +232,10 @@ def test_a_worker_that_loses_the_server_fails_its_cell_for_another(pg, tmp_path)
         a = machine(tmp_path, "machine_a", url)
         w = start(a, "table1", "--spec", str(spec), "--dataset", "phantom-cardiac", "--storage", storage,
                   "--jobs", "1", "--no-figures", "--heartbeat", "2", "--out", str(a["cwd"] / "results"))
-        for line in w.stderr:
-            if ": training (trial" in line:
-                break
-        time.sleep(3)
+        deadline = time.monotonic() + 300
+        while not list((a["cwd"] / "mlruns" / "checkpoints").rglob("last.pt")):  # mid-cell: a checkpoint
+            assert w.poll() is None and time.monotonic() < deadline, w.stderr.read()[-3000:]
+            time.sleep(0.2)
         os.killpg(PROCS[url].pid, signal.SIGKILL)
         _, err = w.communicate(timeout=300)
         assert w.returncode == 2, err[-3000:]
