@@ -12,35 +12,17 @@ import pytest
 import torch
 
 from cctr import tracking
-from cctr.config import RunConfig, apply_overrides, from_dict
+from cctr.config import apply_overrides
 from cctr.errors import CctrError
-from cctr.train import METHODS, Contrast, contrastive_term, monitor_metrics, train
-from tests.helpers import TINY, cli_inprocess, write_yaml
-
-
-def tiny_cfg(**train_overrides) -> RunConfig:
-    d = json.loads(json.dumps(TINY))
-    d["train"].update(train_overrides)
-    return from_dict(RunConfig, d)
+from cctr.terms import Contrast, contrastive_term
+from cctr.train import METHODS, monitor_metrics, train
+from tests.helpers import TINY, cli_inprocess, tiny_cfg, write_yaml
 
 
 @pytest.fixture
 def fresh_store(tmp_path, monkeypatch):
     monkeypatch.setenv("CCTR_MLRUNS", str(tmp_path / "mlruns"))
     return tmp_path
-
-
-@pytest.fixture(scope="module")
-def registration_ready(session_dirs):
-    """Train the tiny registration model once for the variants that need it."""
-    import os
-
-    from cctr.registration.train import ensure_registration
-
-    os.environ["CCTR_CACHE"] = str(session_dirs["cache"])
-    os.environ["CCTR_MLRUNS"] = str(session_dirs["mlruns"])
-    os.environ["CCTR_PHANTOM_CASES"] = "12"
-    ensure_registration("phantom-cardiac", tiny_cfg().registration)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -60,20 +42,18 @@ def test_every_variant_smoke(method, registration_ready, tmp_path):
     assert [h.step for h in hist] == [10, 20]
     assert np.isfinite(res.metrics["test_last_dice"])
     losses = {k for k in run.data.metrics if k.startswith("loss_")}
-    expect = {"loss_sup"} | ({"loss_ct"} if m.ct else set()) | ({"loss_rsl"} if m.rsl else set()) \
-        | ({"loss_con"} if m.con else set()) | ({"loss_reps"} if m.reps else set())
-    assert losses == expect
+    assert losses == {f"loss_{t}" for t in m.terms}
     assert ("pl_dice_a" in run.data.metrics) == m.unlabeled
     assert ("pl_dice_reg" in run.data.metrics) == (m.unlabeled and m.needs_registration)
     # REPS really pairs anchors; pair precision and similarity are monitored in every contrastive variant,
     # REPS pairs wherever there are registration coordinates (`cct+rsl` finds them without pulling them)
     assert ("reps_pos_per_anchor" in run.data.metrics) == ("reps_pair_sim" in run.data.metrics) \
-        == ("reps_pair_sim_early" in res.metrics) == (m.con and m.needs_registration)
-    if m.con and m.needs_registration:
+        == ("reps_pair_sim_early" in res.metrics) == (m.has("con") and m.needs_registration)
+    if m.has("con") and m.needs_registration:
         assert run.data.metrics["reps_anchor_frac"] > 0 and 0 <= res.metrics["reps_pair_precision_early"] <= 1
     assert ("pl_pair_precision_early" in res.metrics) == ("pl_pair_sim" in run.data.metrics) \
-        == ("pl_pair_sim_early" in res.metrics) == m.con
-    assert ("rsl_yield_frac" in run.data.metrics) == m.rsl
+        == ("pl_pair_sim_early" in res.metrics) == m.has("con")
+    assert ("rsl_yield_frac" in run.data.metrics) == m.has("rsl")
     if m.needs_registration:  # the confidence calibration on validation cases, in --json and MLflow
         assert 0 <= res.metrics["reg_dice_conf_low"] <= 1 and 0 <= res.metrics["reg_dice_conf_high"] <= 1
 
