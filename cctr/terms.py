@@ -206,9 +206,9 @@ def contrastive_term(cfg: RunConfig, method: Method, nets, outs, pseudo, y, batc
 
     Labels: ground truth on labeled slices, the *other* net's argmax on unlabeled ones. Every anchor
     attribute (label, coordinate, validity, confidence, monitor label) is read at the same pixel
-    (`nearest_index`). With REPS, coordinates of pixels rotated in from outside the slice or below the
-    confidence threshold are NaN, so they match nothing. `stats` None: no pair monitor this step (and,
-    without REPS, no partners are searched: only the monitor reads them).
+    (`nearest_index`). Pixels rotated in from outside the slice are never anchors. With REPS, coordinates
+    below their confidence threshold are NaN, so they match nothing. `stats` None: no pair monitor this
+    step (and, without REPS, no partners are searched: only the monitor reads them).
     """
 
     t = cfg.train
@@ -218,16 +218,20 @@ def contrastive_term(cfg: RunConfig, method: Method, nets, outs, pseudo, y, batc
     case = batch["case_index"].to(device).long()
     is_gt = torch.arange(B, device=device) < b_l
     mon = batch["label_mon"].to(device).long() if "label_mon" in batch else torch.full_like(y, -1)
+    valid = batch["valid"].to(device)
     coords = None
     if "coords" in batch:  # REPS reads them; without REPS (`cct+rsl`) the pair monitor only (bank entries keep them)
-        ok = batch["valid"].to(device) & (batch["c_reg"].to(device).float().reshape(y.shape) >= t.conf_threshold)
+        # gated by the confidence of the atlas they come from (`c_coord`; with one atlas it is c_reg)
+        gate = batch["c_coord"] if "c_coord" in batch else batch["c_reg"]
+        ok = valid & (gate.to(device).float().reshape(y.shape) >= t.conf_threshold)
         coords = batch["coords"].to(device).float().masked_fill(~ok.unsqueeze(1), float("nan"))
     anchors = []  # per net: (feats, class, case, is-GT, monitor label, coords)
     for k, o in enumerate(outs):
         emb = o["feat"]
         iy, ix = L.nearest_index(tuple(y.shape[-2:]), emb.shape[-2:], device)
 
-        lab = torch.cat([y[:b_l], pseudo[1 - k]], 0)[:, iy[:, None], ix[None, :]]
+        # anchors only where the image is: pixels rotated in from outside the slice have no label (-1)
+        lab = torch.cat([y[:b_l], pseudo[1 - k]], 0).masked_fill(~valid, -1)[:, iy[:, None], ix[None, :]]
         f, c, (bi, yy, xx) = L.sample_anchors(emb, lab, t.anchors_per_class, gen)
         f = nets[k].embed(f.float())  # only the anchors are projected, in fp32
         py, px = iy[yy], ix[xx]  # the anchors' pixels at input resolution: every attribute is read there

@@ -107,6 +107,9 @@ def build_data(cfg: RunConfig, method: Method) -> RunData:
         maps["c_reg"] = [m.c_reg for m in stored]
         maps["coords"] = [m.coords for m in stored]
         kinds.update(y_reg="label", c_reg="field", coords="field")
+        if len(split.labeled) > 1:  # the coordinates' own gate (`RegMaps`); with one atlas it is c_reg
+            maps["c_coord"] = [m.c_coord for m in stored]
+            kinds["c_coord"] = "field"
     slices = SliceDataset([c.image for c in cases], maps, kinds, size=cfg.data.size, augment=True,
                           seed=cfg.train.seed)
     l_idx = [i for i, c in enumerate(train_ids) if c in lab]
