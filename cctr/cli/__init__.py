@@ -32,9 +32,9 @@ Example pipeline (one run by hand; see README.md):
   cctr evaluate RUN_ID --convention strict
 """
 
-EPILOG = ("Environment: CCTR_DATA_ROOT (raw datasets, default data/), CCTR_CACHE (prepared cases and "
-          "registration maps, default .cache/), CCTR_MLRUNS (MLflow and Optuna stores, default mlruns/). "
-          "Docs: README.md and docs/.")
+EPILOG = ("Environment (paths relative to the current directory): CCTR_DATA_ROOT (raw datasets, default "
+          "data/), CCTR_CACHE (prepared cases, registration nets and maps, default data_cache/), CCTR_MLRUNS "
+          "(MLflow and Optuna stores, default mlruns/). Docs: README.md and docs/.")
 
 MAIN, SINGLE, TOOLS = "Main uses", "Single runs", "Data and tools"
 
