@@ -7,19 +7,24 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from cctr.cli.common import emit_json
+from cctr.cli.common import Convention, Split, emit_json, json_option, value
 from cctr.console import out
 
 
 def evaluate_cmd(
     target: str = typer.Argument(..., help="A checkpoint (.pt) or an MLflow run id."),
-    split: str = typer.Option("test", "--split", help="test | val | train"),
-    convention: str = typer.Option("strict", "--convention", help="strict | ssl4mis | transunet"),
-    as_json: bool = typer.Option(False, "--json"),
+    split: Split = typer.Option(Split.test, "--split", help="Which cases of the run's split to evaluate."),
+    convention: Convention = typer.Option(Convention.strict, "--convention", help="strict: HD95/ASD in mm; a "
+                                          "class empty in both masks is skipped, empty in one scores Dice 0 and "
+                                          "the volume's diagonal. ssl4mis (ACDC) / transunet (Synapse): the peers' "
+                                          "code, distances in voxels, an empty prediction scores 0, 0, 0. "
+                                          "See docs/evaluation.md."),
+    as_json: bool = json_option(),
 ) -> None:
     """Per-case x per-class metrics (CSV), a summary table, and the same logged to the run."""
     from cctr.evaluate import evaluate
 
+    split, convention = value(split), value(convention)
     res = evaluate(target, split, convention)
     if as_json:
         emit_json(res["summary"] | {"csv": str(res["csv"]), "run_id": res["run_id"]})
