@@ -15,7 +15,9 @@ of the class part. A test checks the identity (values and gradients) on a hand-b
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -373,7 +375,25 @@ for _m in (
     register_method(_m)
 
 
+_PLUGINS_LOADED: set[str] = set()
+
+
+def load_plugins() -> None:
+    """Import the modules named in CCTR_PLUGINS (comma-separated, importable from PYTHONPATH): a
+    researcher's own terms and methods, registered there with `register_term` / `register_method`, become
+    methods of every command, and of the worker processes of sweeps and Table 1 (same environment)."""
+    for name in (n.strip() for n in os.environ.get("CCTR_PLUGINS", "").split(",")):
+        if not name or name in _PLUGINS_LOADED:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # any failure of the user's module is one clear line, not a traceback
+            raise CctrError(f"CCTR_PLUGINS: cannot import '{name}' ({type(e).__name__}: {e})") from None
+        _PLUGINS_LOADED.add(name)
+
+
 def get_method(name: str) -> Method:
+    load_plugins()
     if name not in METHODS:
         raise CctrError(f"unknown method '{name}'; known: {', '.join(METHODS)}")
     return METHODS[name]

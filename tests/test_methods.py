@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,31 +55,47 @@ def test_every_method_trains_what_the_reference_loop_trained(method, registratio
         assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-7), k
 
 
-def _entropy(ctx) -> torch.Tensor:
-    """Entropy minimisation on the unlabeled slices: a loss cctr does not ship, defined here."""
+PLUGIN = """
+import torch
+
+from cctr.terms import Method, Term, register_method, register_term
+
+
+def entropy(ctx):
+    \"\"\"Entropy minimisation on the unlabeled slices: a loss cctr does not ship.\"\"\"
     p = torch.softmax(ctx.logits[0][ctx.b_l:], 1)
     return -(p * torch.log(p + 1e-8)).sum(1).mean()
 
 
-def test_a_method_defined_outside_cctr_trains_through_the_cli(monkeypatch, capsys, tmp_path):
-    """A new term and a method listing it, registered from this file: `cctr train --method` trains it and
-    logs exactly its terms with their weights; train.py is not touched."""
-    from cctr import terms
-    from tests.helpers import TINY, cli_inprocess, write_yaml
+register_term(Term("ent", entropy, lambda t: (0.3, "constant"), frozenset({"unlabeled"})))
+register_method(Method("ct+ent", ("sup", "ct", "ent")))
+"""
 
-    monkeypatch.setattr(terms, "TERMS", dict(terms.TERMS))
-    monkeypatch.setattr(terms, "METHODS", dict(terms.METHODS))
-    monkeypatch.setattr("cctr.train.TERMS", terms.TERMS)
-    monkeypatch.setattr("cctr.train.METHODS", terms.METHODS)
-    terms.register_term(terms.Term("ent", _entropy, lambda t: (0.3, "constant"), frozenset({"unlabeled"})))
-    terms.register_method(terms.Method("ct+ent", ("sup", "ct", "ent")))
+
+def test_a_method_defined_outside_cctr_trains_through_the_cli(tmp_path):
+    """A new term and a method listing it, in a module of the user's own (CCTR_PLUGINS): `cctr train
+    --method` accepts it and trains exactly its terms with their weights; nothing in cctr is edited."""
+    from tests.helpers import TINY, cli, write_yaml
+
+    (tmp_path / "my_methods.py").write_text(PLUGIN)
     cfg = write_yaml(tmp_path / "cfg.yaml", TINY)
-    code, out, err = cli_inprocess(capsys, "train", "--config", str(cfg), "--method", "ct+ent", "--json")
-    assert code == 0, err
-    res = json.loads(out.strip().splitlines()[-1])
+    env = {"CCTR_PLUGINS": "my_methods", "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    p = cli("train", "--config", str(cfg), "--method", "ct+ent", "--json", env_extra=env)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout.strip().splitlines()[-1])
     run = tracking.client().get_run(res["run_id"])
     assert {k for k in run.data.metrics if k.startswith("loss_")} == {"loss_sup", "loss_ct", "loss_ent"}
     assert run.data.metrics["w_ent"] == 0.3 and run.data.params["train.method"] == "ct+ent"
     assert "pl_dice_a" in run.data.metrics  # a semi-supervised method: pseudo-label quality is monitored
-    with pytest.raises(Exception, match="unknown loss terms nope"):
-        terms.register_method(terms.Method("bad", ("sup", "nope")))
+    assert cli("train", "--method", "ct+ent", "--json").returncode == 2  # without the plugin: not a method
+    bad = cli("train", "--method", "ct+ent", env_extra={"CCTR_PLUGINS": "no_such_module"})
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: CCTR_PLUGINS: cannot import 'no_such_module' (ModuleNotFoundError: No module named 'no_such_module')"]
+
+
+def test_a_method_with_an_unknown_term_is_refused():
+    from cctr.errors import CctrError
+    from cctr.terms import Method, register_method
+
+    with pytest.raises(CctrError, match="unknown loss terms nope"):
+        register_method(Method("bad", ("sup", "nope")))

@@ -41,9 +41,16 @@ class Convention(str, enum.Enum):
 
 @lru_cache(maxsize=1)
 def method_enum() -> type[enum.Enum]:
-    """The training methods, as a parse-time choice: the keys of `cctr.train.METHODS`."""
-    from cctr.train import METHODS
+    """The training methods, as a parse-time choice: the keys of `cctr.terms.METHODS`, after the modules
+    named in CCTR_PLUGINS have registered theirs (a bad plugin: one line, exit 2)."""
+    from cctr.errors import CctrError
+    from cctr.terms import METHODS, load_plugins
 
+    try:
+        load_plugins()
+    except CctrError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
     return enum.Enum("Method", [(m, m) for m in METHODS], type=str)
 
 
