@@ -457,3 +457,6 @@ def step_terms(ctx: StepContext) -> dict[str, torch.Tensor]:
     """Every term of the method on one batch, by name, unweighted (the loop weights and sums them)."""
     return {name: TERMS[name].compute(ctx) for name in ctx.method.terms}
 
+
+# the peers' rows (BCP, UniMatch) register their terms and methods on import
+from cctr import peers as _peers  # noqa: E402, F401
