@@ -63,7 +63,8 @@ FALLBACK = {
     "model.proj_dim": "width of the projection head's pixel embeddings (the contrast's space)",
     "model.decoder_b": "net B's SegFormer decoder width (0: smp's default); see decoder_a",
     "model.depth_a": "net A's encoder depth (0: smp's default); see decoder_a",
-    "train.method": "which row of Table 1 to train: sup, ct, cct, cct+rsl, cct+reps, cctr, full, reg-only (docs/method.md)",
+    "train.method": "which row of Table 1 to train: sup, ct, cct, cct+rsl, cct+reps, cctr, bcp, unimatch, full, reg-only "
+                    "(docs/method.md)",
     "train.iters": "training iterations",
     "train.batch_labeled": "labeled slices per batch",
     "train.batch_unlabeled": "unlabeled slices per batch",

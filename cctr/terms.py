@@ -64,6 +64,7 @@ class StepContext:
     monitor: bool = True  # held-back-label monitors run on this step (the loop's logging steps)
     stats: dict[str, float] = field(default_factory=dict)  # monitor counts, pooled by the loop
     shared: dict[str, Any] = field(default_factory=dict)  # results one term computes for another
+    it: int = 0  # the training iteration (0-based) of this step
 
     @property
     def b_l(self) -> int:
@@ -103,7 +104,11 @@ class Term:
     "registration" (y_reg, c_reg, coordinates), "embed" (projection heads), "monitor" (held-back labels,
     read by monitors only). Config checks: `nonneg`, `positive`, `at_least_one` name `train.*` keys,
     `choices` maps a key to its allowed values. `setup(cfg, data, device)` builds state the term keeps
-    across steps (it must have `state_dict`/`load_state_dict`: it goes into last.pt)."""
+    across steps (it must have `state_dict`/`load_state_dict`: it goes into last.pt).
+    `after_step(state, nets, iteration)` runs after each optimizer step (`nets`: the nets the method
+    trains), e.g. an EMA teacher's update. `check(train_cfg)` raises a CctrError for a bad value of the
+    term's own keys (run for every term, like the declarations); `requires(train_cfg)` for a setting the
+    term cannot run with (run only when the method has the term, e.g. a batch too small)."""
 
     name: str
     compute: Callable[[StepContext], torch.Tensor]
@@ -114,6 +119,9 @@ class Term:
     at_least_one: tuple[str, ...] = ()
     choices: dict[str, tuple[str, ...]] = field(default_factory=dict)
     setup: Callable[[RunConfig, Any, torch.device], Any] | None = None
+    after_step: Callable[[Any, list, int], None] | None = None
+    check: Callable[[TrainConfig], None] | None = None
+    requires: Callable[[TrainConfig], None] | None = None
     doc: str = ""
 
 
@@ -324,13 +332,16 @@ register_term(Term(
 class Method:
     """A Table-1 row: its loss terms (in the order they are computed and summed) and what data it trains
     on. `all_labeled`: every training case's label (`full`); `train` False: nothing is trained
-    (`reg-only` predicts test cases by registration)."""
+    (`reg-only` predicts test cases by registration). `nets`: the nets it trains and predicts with,
+    ("a", "b") (prediction: their ensemble) or ("a",) (net A alone: net B is neither trained nor
+    forwarded, and validation, the pseudo-label monitor and the test predict with A)."""
 
     name: str
     terms: tuple[str, ...] = ("sup",)
     all_labeled: bool = False
     train: bool = True
     doc: str = ""
+    nets: tuple[str, ...] = ("a", "b")
 
     def has(self, term: str) -> bool:
         return term in self.terms
@@ -347,6 +358,11 @@ class Method:
     def needs_registration(self) -> bool:
         return self.needs("registration") or not self.train
 
+    @property
+    def predict(self) -> str:
+        """Which prediction validation and test read: "ens" (both nets) or "a" (net A alone)."""
+        return "ens" if "b" in self.nets else "a"
+
 
 METHODS: dict[str, Method] = {}
 
@@ -356,6 +372,8 @@ def register_method(method: Method) -> Method:
     unknown = [t for t in method.terms if t not in TERMS]
     if unknown:
         raise CctrError(f"method '{method.name}': unknown loss terms {', '.join(unknown)}; known: {', '.join(TERMS)}")
+    if method.nets not in (("a", "b"), ("a",)):
+        raise CctrError(f"method '{method.name}': nets must be (\"a\", \"b\") or (\"a\",), got {method.nets}")
     METHODS[method.name] = method
     return method
 
@@ -416,8 +434,29 @@ def validate_terms(t: TrainConfig) -> None:
             if getattr(t, k) not in ok:
                 allowed = " or ".join(ok) if len(ok) == 2 else f"one of {', '.join(ok)}"
                 raise CctrError(f"train.{k} must be {allowed}, got '{getattr(t, k)}'")
+        if term.check is not None:
+            term.check(t)
+
+
+def check_method(method: Method, t: TrainConfig) -> None:
+    """What the method's own terms cannot run with (`Term.requires`)."""
+    for name in method.terms:
+        if TERMS[name].requires is not None:
+            TERMS[name].requires(t)
+
+
+def run_after_step(method: Method, state: dict[str, Any], nets: list, it: int) -> None:
+    """Every term's `after_step` hook, in the method's order, after the optimizer step of iteration `it`."""
+    for name in method.terms:
+        hook = TERMS[name].after_step
+        if hook is not None:
+            hook(state.get(name), nets, it)
 
 
 def step_terms(ctx: StepContext) -> dict[str, torch.Tensor]:
     """Every term of the method on one batch, by name, unweighted (the loop weights and sums them)."""
     return {name: TERMS[name].compute(ctx) for name in ctx.method.terms}
+
+
+# the peers' rows (BCP, UniMatch) register their terms and methods on import
+from cctr import peers as _peers  # noqa: E402, F401

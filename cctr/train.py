@@ -31,7 +31,17 @@ from cctr.evaluate import (
     predict_cases,
     write_rows,
 )
-from cctr.terms import METHODS, TERMS, Method, StepContext, get_method, step_terms, validate_terms  # noqa: F401
+from cctr.terms import (  # noqa: F401
+    METHODS,
+    TERMS,
+    Method,
+    StepContext,
+    check_method,
+    get_method,
+    run_after_step,
+    step_terms,
+    validate_terms,
+)
 
 # training curves are logged every LOG_EVERY iterations; the pair monitor counts on those steps only
 LOG_EVERY = 10
@@ -48,6 +58,7 @@ def validate_config(cfg: RunConfig) -> Method:
     if t.norm_batches not in ("joint", "split"):
         raise CctrError(f"train.norm_batches must be joint or split, got '{t.norm_batches}'")
     validate_terms(t)
+    check_method(m, t)
     for k in ("iters", "batch_labeled", "val_every", "ckpt_every"):
         if getattr(t, k) < 1:
             raise CctrError(f"train.{k} must be >= 1, got {getattr(t, k)}")
@@ -202,8 +213,9 @@ def monitor_metrics(counts: dict[str, float], steps: int) -> dict[str, float]:
 
 
 def pseudo_label_quality(nets, data: RunData, size: int, device, reg_dice: dict[str, float],
-                         max_cases: int = 4) -> dict[str, float]:
-    """DESIGN §5 / Fig. 4: Dice of each net's and of y_reg's labels on unlabeled training cases.
+                         max_cases: int = 4, keys: tuple[str, ...] = ("a", "b")) -> dict[str, float]:
+    """DESIGN §5 / Fig. 4: Dice of each net's (`keys`: the nets the method trains) and of y_reg's labels
+    on unlabeled training cases.
 
     Held-back labels are read here for monitoring only; they never reach the loss. `reg_dice` caches
     y_reg's Dice, which does not change during a run.
@@ -211,8 +223,8 @@ def pseudo_label_quality(nets, data: RunData, size: int, device, reg_dice: dict[
     ids = data.split.unlabeled[:max_cases]
     if not ids:
         return {}
-    preds = predict_cases(nets, data.ds, ids, size, device, keys=("a", "b"))
-    out = {f"pl_dice_{k}": dice_summary({c: p[k] for c, p in preds.items()}, data.ds)["dice"] for k in ("a", "b")}
+    preds = predict_cases(nets, data.ds, ids, size, device, keys=keys)
+    out = {f"pl_dice_{k}": dice_summary({c: p[k] for c, p in preds.items()}, data.ds)["dice"] for k in keys}
     if data.reg is not None:
         if "dice" not in reg_dice:
             reg_dice.update(dice_summary({c: data.reg.y_reg(c) for c in ids}, data.ds))
@@ -241,6 +253,7 @@ def weights_payload(cfg: RunConfig, nets, state: StepState, run_id: str | None) 
     return {
         "format": CKPT_FORMAT, "config": to_dict(cfg), "iteration": state.iteration,
         "state_a": nets[0].state_dict(), "state_b": nets[1].state_dict(),
+        "predict": get_method(cfg.train.method).predict,  # "ens", or "a" where net B is untrained
         "best_dice": state.best_dice, "best_iter": state.best_iter, "run_id": run_id or "",
     }
 
@@ -334,8 +347,17 @@ class Fit:
     crossed_at: int | None = None  # the first validation at which the nets reached y_reg's Dice
 
     @property
+    def trained(self) -> list:
+        """The nets the method trains (`Method.nets`): both, or net A alone."""
+        return trained_nets(self.method, self.nets)
+
+    @property
     def params(self) -> list[torch.nn.Parameter]:
-        return [p for n in self.nets for p in n.parameters()]
+        return [p for n in self.trained for p in n.parameters()]
+
+
+def trained_nets(method: Method, nets: list) -> list:
+    return [n for k, n in zip("ab", nets) if k in method.nets]
 
 
 def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: dict | None, progress: bool,
@@ -407,7 +429,7 @@ def _setup(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck
     t = cfg.train
     device = device_for()
     nets = [n.to(device) for n in build_nets(cfg.model, data.ds.spec.num_classes)]
-    opt = make_optimizer(t, [p for n in nets for p in n.parameters()])
+    opt = make_optimizer(t, [p for n in trained_nets(method, nets) for p in n.parameters()])
     amp = amp_dtype(t.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     term_state = {k: TERMS[k].setup(cfg, data, device) for k in method.terms if TERMS[k].setup is not None}
@@ -436,8 +458,8 @@ def _step(fit: Fit, batch: dict, it: int) -> tuple[torch.Tensor, dict[str, torch
     lr = poly_lr(t.lr, it, t.iters, t.poly_power)
     for g in fit.opt.param_groups:
         g["lr"] = lr
-    ctx = StepContext(fit.cfg, fit.method, fit.nets, batch, fit.device, fit.gen, fit.amp, fit.term_state,
-                      monitor=it % LOG_EVERY == 0)
+    ctx = StepContext(fit.cfg, fit.method, fit.trained, batch, fit.device, fit.gen, fit.amp, fit.term_state,
+                      monitor=it % LOG_EVERY == 0, it=it)
     terms = step_terms(ctx)
     w_now = {k: L.scheduled_weight(*TERMS[k].weight(t), it, t.ramp_iters, fit.crossed_at, t.iters)
              for k in terms if TERMS[k].weight is not None}
@@ -459,6 +481,7 @@ def _step(fit: Fit, batch: dict, it: int) -> tuple[torch.Tensor, dict[str, torch
         fit.scaler.update()
     else:
         fit.opt.step()
+    run_after_step(fit.method, fit.term_state, fit.trained, it)
     return total, terms, w_now, ctx.stats
 
 
@@ -470,12 +493,14 @@ def _validate(fit: Fit) -> float:
     cfg, data, nets, state, device = fit.cfg, fit.data, fit.nets, fit.state, fit.device
     for n in nets:
         n.eval()
-    preds = predict_cases(nets, data.ds, data.split.val, cfg.data.size, device)
-    summ = dice_summary({c: p["ens"] for c, p in preds.items()}, data.ds)
+    key = fit.method.predict
+    preds = predict_cases(nets, data.ds, data.split.val, cfg.data.size, device, keys=(key,))
+    summ = dice_summary({c: p[key] for c, p in preds.items()}, data.ds)
     metrics = {f"val_{k}": v for k, v in summ.items()}
     if fit.method.unlabeled:
         reg_dice = fit.reg_dice
-        metrics.update(pseudo_label_quality(nets, data, cfg.data.size, device, reg_dice))
+        metrics.update(pseudo_label_quality(nets, data, cfg.data.size, device, reg_dice,
+                                            keys=tuple(fit.method.nets)))
         if data.reg is not None:  # y_reg's own validation Dice (fixed): where the nets' curve crosses it
             if "val" not in reg_dice:
                 reg_dice["val"] = dice_summary({c: data.reg.y_reg(c) for c in data.split.val}, data.ds)["dice"]
@@ -508,15 +533,17 @@ def _final_report(fit: Fit) -> dict[str, float]:
     for tag in ("best", "last"):
         if tag == "best" or state.best_iter != state.iteration:  # else the last weights are best.pt's
             nets = load_nets(run_dir / "best.pt", device)[1] if tag == "best" else [n.eval() for n in last_nets]
-            preds = predict_cases(nets, data.ds, data.split.test, cfg.data.size, device)
-            rows, summ = evaluate_predictions({c: p["ens"] for c, p in preds.items()}, data.ds)
+            key = fit.method.predict
+            preds = predict_cases(nets, data.ds, data.split.test, cfg.data.size, device, keys=(key,))
+            rows, summ = evaluate_predictions({c: p[key] for c, p in preds.items()}, data.ds)
         csv_path = run_dir / f"test_per_case_{tag}.csv"
         write_rows(csv_path, rows)
         run.log_artifact(csv_path)
         prefix = "test" if tag == "best" else "test_last"
         out.update({f"{prefix}_{k}": v for k, v in summ.items() if isinstance(v, float)})
         if tag == "best":
-            vp = predict_cases(nets, data.ds, data.split.val[:3], cfg.data.size, device, keys=("a", "b"))
+            vp = predict_cases(nets, data.ds, data.split.val[:3], cfg.data.size, device,
+                               keys=tuple(fit.method.nets))
             fig_path = overlay_figure(data.ds, vp, run_dir / "val_overlays.png")
             run.log_artifact(fig_path)
     run.log_metrics(out, state.iteration)
