@@ -46,16 +46,8 @@ def bench_step(repeats: int = 7, size: int | None = None) -> dict:
     from cctr import losses as L
     from cctr.config import EXPERIMENTS, apply_overrides, load_config
     from cctr.models import build_nets
-    from cctr.train import (
-        LOG_EVERY,
-        METHODS,
-        Contrast,
-        amp_dtype,
-        forward_nets,
-        loss_terms,
-        make_optimizer,
-        norm_split,
-    )
+    from cctr.terms import METHODS, Contrast, StepContext, forward_nets, norm_split, step_terms
+    from cctr.train import LOG_EVERY, amp_dtype, make_optimizer
 
     cfg = load_config(EXPERIMENTS / "phantom_cardiac.yaml", "quick")
     if size is not None:
@@ -101,12 +93,13 @@ def bench_step(repeats: int = 7, size: int | None = None) -> dict:
     def method_step(name: str) -> tuple[Callable[[], torch.Tensor], Contrast | None]:
         m = METHODS[name]
         mcfg = apply_overrides(cfg, [f"train.method={name}"])
-        con = Contrast([L.MemoryBank(t.memory_size, cfg.model.proj_dim) for _ in nets], 10.0, 20.0) if m.con else None
+        con = Contrast([L.MemoryBank(t.memory_size, cfg.model.proj_dim) for _ in nets], 10.0, 20.0) if m.has("con") else None
         calls = itertools.count()  # the pair monitor runs on every LOG_EVERY-th step, as in training
 
         def step() -> torch.Tensor:
             monitor = next(calls) % LOG_EVERY == 0
-            return sum(loss_terms(mcfg, m, nets, batch, con, g, cpu, amp, monitor=monitor)[0].values())
+            ctx = StepContext(mcfg, m, nets, batch, cpu, g, amp, {"con": con} if con else {}, monitor=monitor)
+            return sum(step_terms(ctx).values())
         return step, con
 
     steps["step_ct_s"], _ = method_step("ct")

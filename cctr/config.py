@@ -130,6 +130,27 @@ class TrainConfig:
     val_every: int = 200
     ckpt_every: int = 200  # resumable last.pt every N iterations (it is as large as two copies of the weights)
     keep_last: bool = False  # keep last.pt once the run is finished and evaluated
+    # `bcp` (docs/method.md, "Peers"): the first fraction of train.iters is the labeled-only copy-paste stage
+    # the mean teacher starts from (BCP's ACDC code: 10k pre-training + 30k self-training iterations, a quarter)
+    bcp_pretrain: float = 0.25
+    bcp_box: float = 2 / 3  # `bcp`: side of the copy-paste box, a fraction of the slice side (BCP's `generate_mask`)
+    # `bcp`: weight of the pixels that come from the unlabeled slice (teacher pseudo-labels); those from the
+    # labeled slice weigh 1 (BCP's alpha: `u_weight` 0.5 in its ACDC code)
+    bcp_alpha: float = 0.5
+    bcp_ema: float = 0.99  # `bcp`: EMA decay of the mean teacher (BCP's ACDC code: `update_model_ema(..., 0.99)`)
+    # `unimatch` (docs/method.md, "Peers"): pixels whose weak-view confidence is below this supervise no
+    # strong or feature-perturbed view (UniMatch's paper and ACDC config: 0.95)
+    uni_conf: float = 0.95
+    uni_feat_drop: float = 0.5  # `unimatch`: channel dropout on the encoder features (UniMatch: Dropout2d(0.5))
+    # `unimatch`: probability of each strong view's brightness/contrast jitter (UniMatch's ACDC data
+    # pipeline: ColorJitter applied with probability 0.8)
+    uni_jitter_p: float = 0.8
+    uni_blur_p: float = 0.5  # `unimatch`: probability of each strong view's Gaussian blur (UniMatch: 0.5)
+    uni_cutmix_p: float = 0.5  # `unimatch`: probability of each strong view's CutMix box (UniMatch: 0.5)
+    # `unimatch`: weight of the feature-perturbed view, the supervised term weighing 1 (UniMatch: the loss is
+    # (L_s + L_u)/2 with L_u = 0.5·L_fp + 0.25·(L_s1 + L_s2); the overall ½ is dropped: docs/method.md)
+    uni_w_fp: float = 0.5
+    uni_w_s: float = 0.25  # `unimatch`: weight of each of the two strong views (UniMatch: 0.25)
 
 
 @dataclass

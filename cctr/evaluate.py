@@ -44,6 +44,17 @@ def load_nets(path: str | Path, device=None):
     return cfg, [n.to(dev).eval() for n in nets], ck
 
 
+def prediction_key(ck: dict) -> str:
+    """Which labels a checkpoint's method is evaluated by: "ens" (both nets) or "a" (a method that trains
+    net A alone; its net B is untrained). Checkpoints written before the key existed are two-net methods."""
+    return ck.get("predict", "ens")
+
+
+def predicting_nets(nets: list, ck: dict) -> list:
+    """The nets whose (mean) softmax is a checkpoint's prediction (`prediction_key`)."""
+    return list(nets) if prediction_key(ck) == "ens" else list(nets)[:1]
+
+
 def predict_cases(nets, ds, ids: list[str], size: int, device, keys: tuple[str, ...] = ("ens",)
                   ) -> dict[str, dict[str, np.ndarray]]:
     """Per case, uint8 labels at native resolution: any of net A alone ("a"), net B alone ("b") and the
@@ -148,8 +159,9 @@ def evaluate(target: str, split: str = "test", convention: str = "strict") -> di
     ds = load_dataset(cfg.data.dataset)
     sp = make_split(ds, cfg.data.labeled, cfg.data.seed, cfg.data.labeled_seed)
     ids = getattr(sp, split)
-    preds = predict_cases(nets, ds, ids, cfg.data.size, next(nets[0].parameters()).device)
-    rows, summ = evaluate_predictions({c: p["ens"] for c, p in preds.items()}, ds, convention)
+    key = prediction_key(ck)
+    preds = predict_cases(nets, ds, ids, cfg.data.size, next(nets[0].parameters()).device, keys=(key,))
+    rows, summ = evaluate_predictions({c: p[key] for c, p in preds.items()}, ds, convention)
     csv_path = ckpt.parent / f"eval_{split}_{convention}_{ckpt.stem}.csv"  # beside the weights it evaluates
     write_rows(csv_path, rows)
     per_class = {}
@@ -174,7 +186,8 @@ def predict(checkpoint: Path, input: Path, output: Path) -> list[Path]:
     from cctr.inference import predict_volume
     from cctr.nifti import predict_nifti
 
-    cfg, nets, _ = load_nets(checkpoint)
+    cfg, nets, ck = load_nets(checkpoint)
+    nets = predicting_nets(nets, ck)
     spec = get_spec(cfg.data.dataset)
     normalise = normalize_ct if spec.modality == "ct" else normalize_mri
 

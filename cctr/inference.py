@@ -137,15 +137,18 @@ def predict_case_labels(
     both softmaxes), at native resolution, from one pass of each net over slabs of `batch_size` slices.
 
     The same labels as argmaxing each net's `predict_volume(..., return_probs=True)`, without ever
-    holding C x Z x H x W probabilities. Only the labels named in `keys` are computed.
+    holding C x Z x H x W probabilities. Only the labels named in `keys` are computed, and net B is
+    never run (nor needed: `nets` may be [A]) when only "a" is asked for.
     """
-    if len(nets) != 2:
-        raise CctrError(f"predict_case_labels: expected the two nets (A, B), got {len(nets)}")
-    z, h, w = np.shape(image)[:3] if np.ndim(image) == 3 else (0, 0, 0)
     if not set(keys) <= {"a", "b", "ens"}:
         raise CctrError(f"predict_case_labels: keys must be among a, b, ens, got {list(keys)}")
+    need_b = bool(set(keys) & {"b", "ens"})
+    if len(nets) != 2 and (need_b or len(nets) != 1):
+        raise CctrError(f"predict_case_labels: expected the two nets (A, B), got {len(nets)}")
+    z, h, w = np.shape(image)[:3] if np.ndim(image) == 3 else (0, 0, 0)
     out = {k: np.empty((z, h, w), dtype=np.uint8) for k in keys}
-    for s, (pa, pb) in _slabs(nets, image, size, batch_size, device):
+    for s, probs in _slabs(list(nets) if need_b else list(nets)[:1], image, size, batch_size, device):
+        pa, pb = probs[0], probs[-1]
         e = s + pa.shape[0]
         for k, prob in out.items():
             prob_k = pa if k == "a" else pb if k == "b" else (pa + pb) / 2

@@ -156,11 +156,34 @@ class SegNet(nn.Module):
             out["feat"] = dec
         return out
 
+    def forward_fp(self, x: torch.Tensor, drop: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Logits [B,C,H,W] under UniMatch's feature perturbation: channel dropout (rate `drop`, one draw
+        per image and channel from `generator`, kept channels scaled by 1/(1 − drop)) on every encoder
+        stage's features before the decoder. smp's first feature is the input image itself and is left as
+        it is (UniMatch's U-Net perturbs its encoder blocks' outputs). `drop` 0: the plain forward's logits."""
+        self.check_input(x)
+        if self.in_repeat > 1:
+            x = x.expand(-1, self.in_repeat, -1, -1)
+        feats = self.model.encoder(x)
+        feats = [feats[0]] + [channel_dropout(f, drop, generator) for f in feats[1:]]
+        dec = self.model.decoder(*feats) if self._decoder_star else self.model.decoder(feats)
+        return self.model.segmentation_head(dec)
+
     def embed(self, feats: torch.Tensor) -> torch.Tensor:
         """L2-normalised projections [N,D] of decoder features gathered at N anchors [N,F]."""
         if self.training and feats.shape[0] < 2:  # BatchNorm's batch statistics need two anchors
             return feats.new_zeros(feats.shape[0], self.proj_dim) + 0 * feats.sum()
         return self.proj(feats)
+
+
+def channel_dropout(f: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """nn.Dropout2d's map (whole channels zeroed with probability `p`, the rest scaled by 1/(1 − p)), its
+    draws from `generator` so a step is reproducible from its seed; `p` 0 returns `f` itself."""
+    if p <= 0:
+        return f
+    dev = generator.device if generator is not None else f.device
+    keep = torch.rand(f.shape[0], f.shape[1], 1, 1, generator=generator, device=dev) >= p
+    return f * keep.to(device=f.device, dtype=f.dtype) / (1.0 - p)
 
 
 def _check_names(arch: str, encoder: str) -> None:

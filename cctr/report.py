@@ -21,20 +21,21 @@ def _save(fig, path: Path) -> Path:
 
 
 def overlay_figure(ds, preds: dict[str, dict[str, np.ndarray]], path: Path) -> Path:
-    """One row per case (its middle labelled slice): image, ground truth, net A, net B; below, a
-    legend naming each class's colour."""
+    """One row per case (its middle labelled slice): image, ground truth, net A, net B (where `preds`
+    has it: a one-net method has none); below, a legend naming each class's colour."""
     from cctr.viz import add_class_legend, label_overlay
 
     C = ds.spec.num_classes
     ids = list(preds)
-    fig, axes = plt.subplots(len(ids), 4, figsize=(10, 2.6 * len(ids)), squeeze=False)
+    nets = [k for k in ("a", "b") if k in preds[ids[0]]]
+    fig, axes = plt.subplots(len(ids), 2 + len(nets), figsize=(2.5 * (2 + len(nets)), 2.6 * len(ids)), squeeze=False)
     for r, cid in enumerate(ids):
         case = ds.case(cid)
         fg = np.flatnonzero(case.label.reshape(case.label.shape[0], -1).any(1))
         z = int(fg[len(fg) // 2]) if len(fg) else case.image.shape[0] // 2
         img = case.image[z]
-        panels = [("image", None), ("ground truth", case.label[z]), ("net A", preds[cid]["a"][z]),
-                  ("net B", preds[cid]["b"][z])]
+        panels = [("image", None), ("ground truth", case.label[z])] + \
+            [(f"net {k.upper()}", preds[cid][k][z]) for k in nets]
         for c, (title, lab) in enumerate(panels):
             ax = axes[r, c]
             ax.imshow(img if lab is None else label_overlay(img, lab, C), cmap="gray",

@@ -16,6 +16,7 @@ from typing import Any
 
 from optuna.exceptions import ExperimentalWarning
 
+from cctr import progress as progress_display
 from cctr import workers
 from cctr.config import RunConfig, apply_overrides, flatten, read_yaml
 from cctr.errors import CctrError
@@ -252,12 +253,13 @@ def run_sweep(
         study, owner = _open_study(name, storage, space)
         parent = _parent_run(study, cfg, name, owner, space)
         log(f"study {name}: storage {_redact(url)}, parent MLflow run {parent}")
-        with tracking.start_run(cfg.data.dataset, name, run_id=parent) as prun:
+        with tracking.start_run(cfg.data.dataset, name, run_id=parent) as prun, \
+                progress_display.study(name, url, n_trials, cfg.train.iters, jobs, enabled=progress) as shown:
             if jobs > 1:
                 _optimize_parallel(url, heartbeat_s, name, cfg, space, n_trials, prun.run_id, deadline, jobs,
                                    workers.threads_per_job(jobs, threads), log)
             else:
-                _optimize(study, cfg, space, n_trials, prun.run_id, deadline, progress, log)
+                _optimize(study, cfg, space, n_trials, prun.run_id, deadline, progress and not shown, log)
             res = summarize_study(study, n_lab, prun.run_id)
             prun.log_metrics({f"best_{k}": v for k, v in (res.best or {}).items() if isinstance(v, float)}, 0)
             if res.best:

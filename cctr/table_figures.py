@@ -58,7 +58,7 @@ def method_predictions(spec, records: list[dict], dataset: str, slices: list[tup
     """method -> {case: label slice [H,W]} at (labeled, seed) from its best.pt (`reg-only`: the
     registration labels); None where the run or its checkpoint is missing."""
     from cctr.data.datasets import load_dataset
-    from cctr.evaluate import load_nets
+    from cctr.evaluate import load_nets, predicting_nets
     from cctr.inference import predict_volume
     from cctr.table1.plan import cell_config, cell_split
 
@@ -84,7 +84,8 @@ def method_predictions(spec, records: list[dict], dataset: str, slices: list[tup
         if ck is None:
             out[m] = None
             continue
-        cfg, nets, _ = load_nets(ck)
+        cfg, nets, ckd = load_nets(ck)
+        nets = predicting_nets(nets, ckd)
         out[m] = {cid: predict_volume(nets, np.asarray(ds.case(cid).image)[z:z + 1], cfg.data.size)[0]
                   for cid, z in slices}
     return out

@@ -45,14 +45,20 @@ def base_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}"
 
 
-def wait_until_answering(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+def server_log_path():
+    """Where the MLflow server's own output goes (start-up lines, warnings): a file under the store."""
+    return tracking.mlruns_root() / "ui-server.log"
+
+
+def wait_until_answering(url: str, proc: subprocess.Popen, timeout_s: float, log_path=None) -> None:
     """Poll MLflow's `/health` until it answers; one clear error if the server dies or never answers.
     Direct, never through an `http_proxy` from the environment: the server is on this machine."""
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.monotonic() + timeout_s
     while True:
         if (rc := proc.poll()) is not None:
-            raise CctrError(f"the MLflow server exited (code {rc}) before answering at {url}; see its log above")
+            where = f"see its log {log_path}" if log_path else "see its log above"
+            raise CctrError(f"the MLflow server exited (code {rc}) before answering at {url}; {where}")
         try:
             with direct.open(f"{url}/health", timeout=2) as r:
                 if r.status == 200:
@@ -87,10 +93,14 @@ def serve(host: str, port: int, log: Callable[[str], None] = print, ready_timeou
     url = base_url(host, port)
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking.tracking_uri())
     # own process group, so stopping us (Ctrl-C, or SIGTERM via the CLI) stops every server process
-    proc = subprocess.Popen(ui_command(host, port), env=env, start_new_session=True)
+    log_path = server_log_path()
+    with open(log_path, "ab") as server_log:
+        proc = subprocess.Popen(ui_command(host, port), env=env, start_new_session=True, stdin=subprocess.DEVNULL,
+                                stdout=server_log, stderr=subprocess.STDOUT)
     try:
-        wait_until_answering(url, proc, ready_timeout_s)
+        wait_until_answering(url, proc, ready_timeout_s, log_path)
         log(f"MLflow UI: {url}  (store {tracking.tracking_uri()}; Ctrl-C to stop)")
+        log(f"  server log: {log_path}")
         for name, page in runs_pages(url):
             log(f"  runs of {name}: {page}")
         return proc.wait()

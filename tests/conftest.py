@@ -28,3 +28,16 @@ def _isolated_store(session_dirs, monkeypatch):
     monkeypatch.setenv("CCTR_PHANTOM_CASES", "12")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
+
+@pytest.fixture(scope="module")
+def registration_ready(session_dirs):
+    """Train the tiny registration model once for the variants that need it."""
+    import os
+
+    from cctr.registration.train import ensure_registration
+    from tests.helpers import tiny_cfg
+
+    os.environ["CCTR_CACHE"] = str(session_dirs["cache"])
+    os.environ["CCTR_MLRUNS"] = str(session_dirs["mlruns"])
+    os.environ["CCTR_PHANTOM_CASES"] = "12"
+    ensure_registration("phantom-cardiac", tiny_cfg().registration)

@@ -26,6 +26,17 @@ TINY_SPACE = {
 }
 
 
+def tiny_cfg(**train_overrides):
+    """The tiny run configuration with `train.*` overrides."""
+    import json
+
+    from cctr.config import RunConfig, from_dict
+
+    d = json.loads(json.dumps(TINY))
+    d["train"].update(train_overrides)
+    return from_dict(RunConfig, d)
+
+
 def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path

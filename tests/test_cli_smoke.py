@@ -31,7 +31,7 @@ def test_register_train_apply_report(tmp_path, capsys):
     assert "mean Dice" in out and "TV-L1" in out and ckpt in err.replace("\n", "")
     # another labeled case (Table 1's seeds) with the same registration net and split
     reps = [json.loads(run("register", "report", *base, "--labeled", "1", *ls, "--json")[0])
-            for ls in ([], ["--labeled-seed", "1"])]
+            for ls in ([], ["--seed", "1"])]
     assert reps[1]["labeled_seed"] == 1 and reps[0]["atlases"] != reps[1]["atlases"]
     assert reps[0]["pairs"] == reps[1]["pairs"] and reps[0]["dice_identity"] != reps[1]["dice_identity"]
 

@@ -11,7 +11,7 @@ import pytest
 from cctr import tracking
 from cctr.evaluate import evaluate
 from tests.helpers import cli_inprocess
-from tests.test_train import tiny_cfg
+from tests.helpers import tiny_cfg
 
 
 @pytest.fixture(scope="module")

@@ -400,3 +400,72 @@ def test_scheduled_weight() -> None:
     assert [scheduled_weight(2.0, "fade", t, 100, 200, 400) for t in (200, 250, 300, 399, 400)] == \
         pytest.approx([2.0, 1.5, 1.0, 0.01, 0.0])
     assert scheduled_weight(2.0, "fade", 400, 100, 400, 400) == 0.0  # crossed at the very end: no division
+
+
+def _weighted_contrast_by_hand(a, keys, pos, reps, denom, tau, w_con, w_reps):
+    """One supervised contrast with per-positive weights, written out pixel by pixel (float64):
+    -sum_i sum_k W_ik log(exp(s_ik/tau) / sum_{j in A(i)} exp(s_ij/tau)), where a class positive weighs
+    w_con / (|P(i)| N_P) and a partner w_reps / (|R(i)| N_R) (N_*: anchors that have such positives)."""
+    n_p = sum(1 for i in range(a.shape[0]) if pos[i].any())
+    n_r = sum(1 for i in range(a.shape[0]) if reps[i].any())
+    total = a.new_zeros((), dtype=torch.float64)
+    for i in range(a.shape[0]):
+        s = [(a[i].double() @ keys[j].double()) / tau for j in range(keys.shape[0])]
+        log_z = torch.logsumexp(torch.stack([s[j] for j in range(keys.shape[0]) if denom[i, j]]), 0)
+        for j in range(keys.shape[0]):
+            w = 0.0
+            if pos[i, j]:
+                w += w_con / (int(pos[i].sum()) * n_p)
+            if reps[i, j]:
+                w += w_reps / (int(reps[i].sum()) * n_r)
+            if w:
+                total = total - w * (s[j] - log_z)
+    return total
+
+
+def test_class_and_reps_parts_are_one_weighted_contrast() -> None:
+    """w_con·L_con + w_reps·L_reps (the two parts over one denominator) equals a single supervised
+    contrast whose positives carry weights (class 1/|P|, partners 1/|R|, times the term weights), in
+    value and in the gradients of anchors and keys."""
+    g = torch.Generator().manual_seed(5)
+    a0 = torch.nn.functional.normalize(torch.randn(4, 3, generator=g), dim=1)
+    bank = torch.nn.functional.normalize(torch.randn(4, 3, generator=g), dim=1)
+    denom = torch.ones(4, 8, dtype=torch.bool)
+    denom[torch.arange(4), torch.arange(4)] = False  # never itself
+    denom[0, 5] = False  # a key left out of anchor 0's contrast (a replaced pseudo-label positive)
+    pos = torch.zeros(4, 8, dtype=torch.bool)
+    pos[0, [1, 4]] = pos[1, [0, 6]] = pos[2, 3] = True  # anchor 3: no class positive
+    reps = torch.zeros(4, 8, dtype=torch.bool)
+    reps[0, 7] = reps[3, [4, 6]] = True
+    w_con, w_reps, tau = 0.1, 0.05, 0.2
+    grads = []
+    for mine in (True, False):
+        a, k = a0.clone().requires_grad_(True), bank.clone().requires_grad_(True)
+        keys = torch.cat([a, k])
+        if mine:
+            con, rp = masked_supcon_terms(a, keys, [pos, reps], denom, tau)
+            loss = w_con * con + w_reps * rp
+        else:
+            loss = _weighted_contrast_by_hand(a, keys, pos, reps, denom, tau, w_con, w_reps)
+        loss.backward()
+        grads.append((float(loss), a.grad.clone(), k.grad.clone()))
+    (v1, ga1, gk1), (v2, ga2, gk2) = grads
+    assert v1 == pytest.approx(v2, rel=1e-5)
+    assert torch.allclose(ga1, ga2.float(), atol=1e-6) and torch.allclose(gk1, gk2.float(), atol=1e-6)
+
+
+def test_a_partner_is_pulled_like_a_class_positive_of_equal_weight() -> None:
+    """One anchor, a class positive and a registration partner at the same similarity and the same weight
+    (w_con/|P| = w_reps/|R|), and a negative: the partner's gradient equals the class positive's and is
+    opposite in sign to the negative's (a partner is a positive of the one loss, not a negative of the
+    class part)."""
+    anchor = torch.tensor([[1.0, 0.0]])
+    same = torch.nn.functional.normalize(torch.tensor([0.6, 0.8]), dim=0)
+    keys = torch.stack([same, same.clone(), torch.tensor([0.0, -1.0])]).requires_grad_(True)
+    denom = torch.ones(1, 3, dtype=torch.bool)
+    pos, reps = torch.tensor([[True, False, False]]), torch.tensor([[False, True, False]])
+    con, rp = masked_supcon_terms(anchor, keys, [pos, reps], denom, 0.1)
+    (0.3 * con + 0.3 * rp).backward()
+    g_pos, g_partner, g_neg = keys.grad
+    assert torch.allclose(g_pos, g_partner, atol=1e-7)
+    assert float(g_partner @ anchor[0]) < 0 < float(g_neg @ anchor[0])  # descent pulls the partner, pushes the negative

@@ -97,7 +97,8 @@ def test_amp_runs_only_the_nets_in_low_precision(nets: tuple[SegNet, SegNet]) ->
     """Under `train.amp` the nets run in bf16 (CPU) and hand back fp32 logits close to the fp32
     forward, so every loss is computed in fp32 (the contrast converts the anchors it gathers from the
     bf16 features); without amp (or without native bf16) nothing changes."""
-    from cctr.train import amp_dtype, forward_nets
+    from cctr.terms import forward_nets
+    from cctr.train import amp_dtype
 
     cpu = torch.device("cpu")
     assert amp_dtype(False, cpu) is None
@@ -123,7 +124,7 @@ def test_split_forward_normalises_each_part_by_its_own_batch(nets: tuple[SegNet,
     statistics) split and joint agree."""
     import copy
 
-    from cctr.train import forward_nets
+    from cctr.terms import forward_nets
 
     x = torch.randn(6, 1, 32, 32, generator=torch.Generator().manual_seed(2))
     x[2:] += 3.0  # another intensity distribution in the "unlabeled" part: batch statistics differ

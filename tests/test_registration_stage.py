@@ -403,3 +403,26 @@ def test_confidence_calibration_counts_dice_above_and_below(tmp_path):
     out = confidence_calibration(maps, ds, ["v"], 0.6)  # type: ignore[arg-type]
     assert out["reg_dice_conf_high"] == 1.0 and out["reg_conf_frac_high"] == 0.5
     assert out["reg_dice_conf_low"] < 0.5
+
+
+def test_coordinates_are_gated_by_the_confidence_of_their_own_atlas(toy):
+    """With one atlas the coordinates' gate is c_reg itself (stored once); with two, it is the reference
+    atlas' own confidence (its warped one-hot's max times its fit), not the fused c_reg."""
+    from cctr.registration.apply import atlas_fits
+
+    ds = load_dataset(TOY)
+    one, two = make_split(ds, 1, 0, 1), make_split(ds, 2, 0, 1)
+    m1 = registration_maps(TOY, TINY, one)
+    cid = one.test[0]
+    case_maps = m1[cid]
+    assert case_maps.c_coord is case_maps.c_reg
+    m2 = registration_maps(TOY, TINY, two)
+    assert m2.root != maps_dir(TOY, toy["ckpt"], dataclasses.replace(two, labeled=two.labeled[:1]), TINY)
+    reg = reg_apply.Registrar(ds, load_model(toy["ckpt"], TOY, TINY.grid)[0], TINY)
+    ref = two.labeled[0]
+    fits = atlas_fits({ref: reg.phi(ref, cid)}, reg.image(cid), {ref: reg.atlas(ref)})
+    p, fit = fits[ref]
+    own = (p.max(0).values * fit).clamp(0, 1).numpy()
+    got = m2[cid].c_coord.values[0]
+    assert np.abs(got - own).max() <= 0.5 / 255 + 1e-6  # stored as uint8
+    assert not np.array_equal(got, m2[cid].c_reg.values[0])  # the other atlas moves the fused map

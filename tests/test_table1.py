@@ -67,7 +67,7 @@ def test_seed_varies_the_labeled_case_not_the_test_set(tmp_path):
 def test_default_grids_are_the_quick_preset_with_three_seeds(name):
     spec = load_table_spec(REPO / "experiments" / f"table1_{name}.yaml")
     assert spec.preset == "quick" and spec.seeds == [0, 1, 2] and spec.overrides == []
-    assert spec.methods == ["sup", "ct", "cct", "cct+rsl", "cct+reps", "cctr", "reg-only", "full"]
+    assert spec.methods == ["sup", "ct", "cct", "cct+rsl", "cct+reps", "cctr", "bcp", "unimatch", "reg-only", "full"]
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -12,35 +12,17 @@ import pytest
 import torch
 
 from cctr import tracking
-from cctr.config import RunConfig, apply_overrides, from_dict
+from cctr.config import apply_overrides
 from cctr.errors import CctrError
-from cctr.train import METHODS, Contrast, contrastive_term, monitor_metrics, train
-from tests.helpers import TINY, cli_inprocess, write_yaml
-
-
-def tiny_cfg(**train_overrides) -> RunConfig:
-    d = json.loads(json.dumps(TINY))
-    d["train"].update(train_overrides)
-    return from_dict(RunConfig, d)
+from cctr.terms import Contrast, contrastive_term
+from cctr.train import METHODS, monitor_metrics, train
+from tests.helpers import TINY, cli_inprocess, tiny_cfg, write_yaml
 
 
 @pytest.fixture
 def fresh_store(tmp_path, monkeypatch):
     monkeypatch.setenv("CCTR_MLRUNS", str(tmp_path / "mlruns"))
     return tmp_path
-
-
-@pytest.fixture(scope="module")
-def registration_ready(session_dirs):
-    """Train the tiny registration model once for the variants that need it."""
-    import os
-
-    from cctr.registration.train import ensure_registration
-
-    os.environ["CCTR_CACHE"] = str(session_dirs["cache"])
-    os.environ["CCTR_MLRUNS"] = str(session_dirs["mlruns"])
-    os.environ["CCTR_PHANTOM_CASES"] = "12"
-    ensure_registration("phantom-cardiac", tiny_cfg().registration)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -60,20 +42,18 @@ def test_every_variant_smoke(method, registration_ready, tmp_path):
     assert [h.step for h in hist] == [10, 20]
     assert np.isfinite(res.metrics["test_last_dice"])
     losses = {k for k in run.data.metrics if k.startswith("loss_")}
-    expect = {"loss_sup"} | ({"loss_ct"} if m.ct else set()) | ({"loss_rsl"} if m.rsl else set()) \
-        | ({"loss_con"} if m.con else set()) | ({"loss_reps"} if m.reps else set())
-    assert losses == expect
+    assert losses == {f"loss_{t}" for t in m.terms}
     assert ("pl_dice_a" in run.data.metrics) == m.unlabeled
     assert ("pl_dice_reg" in run.data.metrics) == (m.unlabeled and m.needs_registration)
     # REPS really pairs anchors; pair precision and similarity are monitored in every contrastive variant,
     # REPS pairs wherever there are registration coordinates (`cct+rsl` finds them without pulling them)
     assert ("reps_pos_per_anchor" in run.data.metrics) == ("reps_pair_sim" in run.data.metrics) \
-        == ("reps_pair_sim_early" in res.metrics) == (m.con and m.needs_registration)
-    if m.con and m.needs_registration:
+        == ("reps_pair_sim_early" in res.metrics) == (m.has("con") and m.needs_registration)
+    if m.has("con") and m.needs_registration:
         assert run.data.metrics["reps_anchor_frac"] > 0 and 0 <= res.metrics["reps_pair_precision_early"] <= 1
     assert ("pl_pair_precision_early" in res.metrics) == ("pl_pair_sim" in run.data.metrics) \
-        == ("pl_pair_sim_early" in res.metrics) == m.con
-    assert ("rsl_yield_frac" in run.data.metrics) == m.rsl
+        == ("pl_pair_sim_early" in res.metrics) == m.has("con")
+    assert ("rsl_yield_frac" in run.data.metrics) == m.has("rsl")
     if m.needs_registration:  # the confidence calibration on validation cases, in --json and MLflow
         assert 0 <= res.metrics["reg_dice_conf_low"] <= 1 and 0 <= res.metrics["reg_dice_conf_high"] <= 1
 
@@ -160,7 +140,7 @@ def test_contrastive_term_reps_slots_on_a_hand_built_batch(monkeypatch):
     pix = emb.permute(0, 2, 3, 1).reshape(8, 4)
     where = [int(torch.nonzero((pix == a).all(1))[0]) for a in anchors]  # anchor -> b*4 + i*2 + j
     n = len(where)
-    assert sorted(where) == list(range(8))
+    assert sorted(where) == list(range(7))  # pixel 7 was rotated in from outside the slice: never an anchor
     slots = {w: set(torch.nonzero(reps[r, n:]).flatten().tolist()) for r, w in enumerate(where)}
     mates = {w: {where[c] for c in torch.nonzero(reps[r, :n]).flatten().tolist()} for r, w in enumerate(where)}
     # labeled (case 0): (0,0) -> bank slot 0 (0 mm; slot 1 is 2 mm away); (1,0) -> slot 3 (case 1 at 0 mm, nearer
@@ -170,8 +150,45 @@ def test_contrastive_term_reps_slots_on_a_hand_built_batch(monkeypatch):
     # unlabeled (case 1): its own case's slot 3 is never a partner; (0,1) has low confidence and (1,1) is
     # invalid: no partner at all, and nobody's partner
     assert slots[4] == {0} and mates[4] == {0} and slots[6] == set() and mates[6] == {2}
-    assert slots[5] == slots[7] == mates[5] == mates[7] == set()
+    assert slots[5] == mates[5] == set()
     assert all(5 not in v and 7 not in v for v in mates.values())
+
+
+def test_coordinates_are_gated_by_c_coord_where_the_batch_has_it():
+    """With several atlases the batch carries `c_coord` (the reference atlas' own confidence): the REPS
+    gate reads it, not the fused c_reg. Fused confidence low everywhere but c_coord high: the same pairs
+    as the hand-built batch gated by its own c_reg, now without the one low-confidence pixel."""
+    cfg = tiny_cfg(method="cctr", batch_labeled=1, anchors_per_class=100, conf_threshold=0.5, memory_size=5)
+    counts = []
+    for gate in ("c_reg", "c_coord"):
+        g, emb, nets, outs, pseudo, y, batch, con = _hand_built_contrast()
+        if gate == "c_coord":
+            batch["c_coord"] = torch.ones_like(batch["c_reg"])
+            batch["c_reg"] = torch.zeros_like(batch["c_reg"])
+        stats: dict[str, float] = {}
+        contrastive_term(cfg, METHODS["cctr"], nets, outs, pseudo, y, batch, con, g, torch.device("cpu"), stats)
+        counts.append(stats["reps_pos"])
+    assert counts[1] > counts[0] > 0  # pixel 5 (c_reg 0.2 in the hand-built batch) now pairs too
+
+
+def test_padding_pixels_are_never_anchors(monkeypatch):
+    """Anchors are sampled only where `valid` (the image) is, whatever the labels say there: with every
+    pixel of the unlabeled slice but one marked as padding, that one pixel is its only anchor."""
+    import cctr.losses as L
+
+    cfg = tiny_cfg(method="cct", batch_labeled=1, anchors_per_class=100, memory_size=5)
+    g, emb, nets, outs, pseudo, y, batch, con = _hand_built_contrast()
+    batch["valid"][1] = torch.tensor([[False, False], [True, False]])
+    batch["valid"][0, 0, 1] = False
+    seen = []
+    real = L.masked_supcon_terms
+    monkeypatch.setattr(L, "masked_supcon_terms", lambda a, k, ps, d, tau: seen.append(a) or real(a, k, ps, d, tau))
+    contrastive_term(cfg, METHODS["cct"], nets, outs, pseudo, y,
+                     {k: v for k, v in batch.items() if k != "coords"}, con, g, torch.device("cpu"), None)
+    pix = emb.permute(0, 2, 3, 1).reshape(8, 4)
+    for anchors in seen:  # both nets
+        where = sorted(int(torch.nonzero((pix == a).all(1))[0]) for a in anchors)
+        assert where == [0, 2, 3, 6]
 
 
 def test_reps_replace_paired_keeps_the_class_positives_of_unpaired_volumes():

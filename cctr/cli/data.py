@@ -9,14 +9,14 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cctr.cli.common import emit_json
+from cctr.cli.common import emit_json, json_option
 from cctr.console import out
 
 app = typer.Typer(help="Datasets: list, prepare, show, stats.", no_args_is_help=True)
 
 
 @app.command("list")
-def data_list(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+def data_list(as_json: bool = json_option()) -> None:
     """Datasets, where each is expected, and whether it is prepared."""
     from cctr.data.datasets import SPECS, data_root, dataset_dir
 
@@ -42,8 +42,9 @@ def data_list(as_json: bool = typer.Option(False, "--json", help="Print one JSON
 @app.command("prepare")
 def data_prepare(
     dataset: str = typer.Argument(..., help="acdc | synapse | phantom-* | a name for a NIfTI folder"),
-    source: Optional[Path] = typer.Option(None, "--source", help="Folder holding the dataset as distributed."),
-    as_json: bool = typer.Option(False, "--json"),
+    source: Optional[Path] = typer.Option(None, "--source", help="Folder holding the dataset as distributed "
+                                          "(default: $CCTR_DATA_ROOT/<name>)."),
+    as_json: bool = json_option(),
 ) -> None:
     """Read raw or peer formats into the project's case cache (validated, atomic)."""
     from cctr.data.prepare import prepare
@@ -57,7 +58,8 @@ def data_prepare(
 
 
 @app.command("stats")
-def data_stats(dataset: str, as_json: bool = typer.Option(False, "--json")) -> None:
+def data_stats(dataset: str = typer.Argument(..., help="Dataset name (see `cctr data list`)."),
+               as_json: bool = json_option()) -> None:
     """Cases, classes, spacing, shapes and class frequencies."""
     from cctr.data.prepare import dataset_stats
 
@@ -75,7 +77,7 @@ def data_stats(dataset: str, as_json: bool = typer.Option(False, "--json")) -> N
 
 @app.command("show")
 def data_show(
-    dataset: str,
+    dataset: str = typer.Argument(..., help="Dataset name (see `cctr data list`)."),
     cases: int = typer.Option(4, "--cases", help="How many cases (rows) to show."),
     output: Path = typer.Option(Path("data_show.png"), "-o", "--output", help="PNG to write."),
 ) -> None:

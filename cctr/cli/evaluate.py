@@ -8,15 +8,19 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cctr.cli.common import TRACKING_URI_HELP, emit_json, use_tracking
+from cctr.cli.common import TRACKING_URI_HELP, Convention, Split, emit_json, json_option, use_tracking, value
 from cctr.console import out
 
 
 def evaluate_cmd(
     target: Optional[str] = typer.Argument(None, help="A checkpoint (.pt), an MLflow run id or runs:/ID/path."),
-    split: str = typer.Option("test", "--split", help="test | val | train"),
-    convention: str = typer.Option("strict", "--convention", help="strict | ssl4mis | transunet"),
-    as_json: bool = typer.Option(False, "--json"),
+    split: Split = typer.Option(Split.test, "--split", help="Which cases of the run's split to evaluate."),
+    convention: Convention = typer.Option(Convention.strict, "--convention", help="strict: HD95/ASD in mm; a "
+                                          "class empty in both masks is skipped, empty in one scores Dice 0 and "
+                                          "the volume's diagonal. ssl4mis (ACDC) / transunet (Synapse): the peers' "
+                                          "code, distances in voxels, an empty prediction scores 0, 0, 0. "
+                                          "See docs/evaluation.md."),
+    as_json: bool = json_option(),
     run_id: Optional[str] = typer.Option(None, "--run-id", help="An MLflow run to evaluate, wherever it was "
                                          "trained: its best.pt is downloaded from the tracking store if not here."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_URI_HELP),
@@ -28,6 +32,7 @@ def evaluate_cmd(
     if (target is None) == (run_id is None):
         raise CctrError("give a checkpoint or run id, or --run-id ID (one of them)")
     use_tracking(tracking_uri)
+    split, convention = value(split), value(convention)
     res = evaluate(target or run_id, split, convention)
     if as_json:
         emit_json(res["summary"] | {"csv": str(res["csv"]), "run_id": res["run_id"]})

@@ -9,26 +9,48 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cctr.cli.common import TRACKING_URI_HELP, emit_json, use_tracking
+from cctr.cli.common import (
+    SEED_HELP,
+    SET_HELP,
+    SPLIT_SEED_HELP,
+    TRACKING_URI_HELP,
+    Preset,
+    emit_json,
+    json_option,
+    use_tracking,
+    value,
+)
 from cctr.console import console, out
 
 app = typer.Typer(help="Registration stage: train, apply (label transfer + coordinates), report.",
                   no_args_is_help=True)
 
-_PRESET = typer.Option("quick", "--preset", help="Preset in the config file (quick | paper).")
-_SET = typer.Option(None, "--set", help="Override, e.g. registration.iters=500 (repeatable).")
+_PRESET = typer.Option(Preset.quick, "--preset", help="Preset of the config file; the registration net is "
+                       "trained once per preset (quick: a CPU-sized grid, paper: the GPU one).")
+_SET = typer.Option(None, "--set", metavar="KEY=VALUE", help=SET_HELP)
+_DATASET = typer.Option(..., "--dataset", "-d", help="Dataset name (e.g. phantom-cardiac; `cctr data list`).")
 _CONFIG = typer.Option(None, "--config", help="Run YAML (default experiments/<dataset>.yaml), the same file "
                        "`cctr train` reads, so both find the same registration model.")
-_SEED = typer.Option(0, "--seed", help="Split seed.")
-_LSEED = typer.Option(None, "--labeled-seed", help="Which training cases are labeled (Table 1's seeds; "
-                      "default: the split seed). The registration net does not depend on it.")
+_SEED = typer.Option(0, "--seed", "-s", help=SEED_HELP + " Here it picks the atlases; the registration net "
+                     "does not depend on it.")
+_SPLIT_SEED = typer.Option(None, "--split-seed", help=SPLIT_SEED_HELP + " The registration net trains on the "
+                           "split's training cases.")
 _CKPT = typer.Option(None, "--checkpoint", help="Use this registration checkpoint instead of the trained one.")
 
 
-def _cfg(dataset: str, config: Optional[Path], preset: str, sets: Optional[list[str]]):
+def _run_cfg(dataset: str, config: Optional[Path], preset, sets: Optional[list[str]]):
     from cctr.config import default_config_path, load_config
 
-    return load_config(config or default_config_path(dataset), preset, sets or []).registration
+    return load_config(config or default_config_path(dataset), value(preset), sets or [])
+
+
+def _cfg(dataset: str, config: Optional[Path], preset, sets: Optional[list[str]]):
+    return _run_cfg(dataset, config, preset, sets).registration
+
+
+def _split_seed(dataset: str, config: Optional[Path], preset, sets, split_seed: Optional[int]) -> int:
+    """--split-seed, else the config's data.seed (as `cctr train` and `cctr table1` use)."""
+    return split_seed if split_seed is not None else _run_cfg(dataset, config, preset, sets).data.seed
 
 
 def _split(dataset: str, labeled: int, seed: int, labeled_seed: Optional[int] = None):
@@ -39,13 +61,14 @@ def _split(dataset: str, labeled: int, seed: int, labeled_seed: Optional[int] = 
 
 @app.command("train")
 def train(
-    dataset: str = typer.Option(..., "--dataset", help="Dataset name (e.g. phantom-cardiac)."),
-    preset: str = _PRESET,
+    dataset: str = _DATASET,
+    preset: Preset = _PRESET,
     sets: Optional[list[str]] = _SET,
     config: Optional[Path] = _CONFIG,
     seed: int = _SEED,
-    labeled: int = typer.Option(1, "--labeled", help="Labeled count (used only by the optional Dice term)."),
-    as_json: bool = typer.Option(False, "--json"),
+    split_seed: Optional[int] = _SPLIT_SEED,
+    labeled: int = typer.Option(1, "--labeled", "-l", help="Labeled count (used only by the optional Dice term)."),
+    as_json: bool = json_option(),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_URI_HELP),
 ) -> None:
     """Train on random pairs of training cases (resumes an interrupted run)."""
@@ -54,7 +77,8 @@ def train(
     cfg = _cfg(dataset, config, preset, sets)
     use_tracking(tracking_uri)
     t0 = time.perf_counter()
-    path = train_registration(dataset, cfg, _split(dataset, labeled, seed), progress=not as_json)
+    split = _split(dataset, labeled, _split_seed(dataset, config, preset, sets, split_seed), seed)
+    path = train_registration(dataset, cfg, split, progress=not as_json)
     res = {"dataset": dataset, "checkpoint": str(path), "seconds": time.perf_counter() - t0}
     if as_json:
         emit_json(res)
@@ -64,15 +88,15 @@ def train(
 
 @app.command("apply")
 def apply(
-    dataset: str = typer.Option(..., "--dataset"),
-    labeled: int = typer.Option(..., "--labeled", help="Number of labeled cases (atlases)."),
+    dataset: str = _DATASET,
+    labeled: int = typer.Option(..., "--labeled", "-l", help="Number of labeled cases (atlases)."),
     seed: int = _SEED,
-    labeled_seed: Optional[int] = _LSEED,
-    preset: str = _PRESET,
+    split_seed: Optional[int] = _SPLIT_SEED,
+    preset: Preset = _PRESET,
     sets: Optional[list[str]] = _SET,
     config: Optional[Path] = _CONFIG,
     checkpoint: Optional[Path] = _CKPT,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = json_option(),
 ) -> None:
     """Warp every labeled case to every train/val/test case: y_reg, c_reg, coords (cached)."""
     import numpy as np
@@ -80,7 +104,8 @@ def apply(
     from cctr.registration.apply import registration_maps
 
     cfg = _cfg(dataset, config, preset, sets)
-    maps = registration_maps(dataset, cfg, _split(dataset, labeled, seed, labeled_seed), checkpoint,
+    split = _split(dataset, labeled, _split_seed(dataset, config, preset, sets, split_seed), seed)
+    maps = registration_maps(dataset, cfg, split, checkpoint,
                              progress=not as_json)
     conf = float(np.mean([maps.c_reg(c).mean() for c in maps]))
     res = {"dataset": dataset, "cases": len(maps), "reference": maps.reference, "cache": str(maps.root),
@@ -95,22 +120,22 @@ def apply(
 
 @app.command("report")
 def report(
-    dataset: str = typer.Option(..., "--dataset"),
-    labeled: int = typer.Option(..., "--labeled"),
+    dataset: str = _DATASET,
+    labeled: int = typer.Option(..., "--labeled", "-l", help="Number of labeled cases (atlases)."),
     seed: int = _SEED,
-    labeled_seed: Optional[int] = _LSEED,
-    preset: str = _PRESET,
+    split_seed: Optional[int] = _SPLIT_SEED,
+    preset: Preset = _PRESET,
     sets: Optional[list[str]] = _SET,
     config: Optional[Path] = _CONFIG,
     checkpoint: Optional[Path] = _CKPT,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = json_option(),
 ) -> None:
     """Dice of y_reg vs identity vs TV-L1 on the validation cases, c_reg calibration; folding; speed."""
     from cctr.registration.report import registration_report
 
     cfg = _cfg(dataset, config, preset, sets)
-    res = registration_report(dataset, cfg, labeled, seed, checkpoint, progress=not as_json,
-                              labeled_seed=labeled_seed)
+    res = registration_report(dataset, cfg, labeled, _split_seed(dataset, config, preset, sets, split_seed),
+                              checkpoint, progress=not as_json, labeled_seed=seed)
     if as_json:
         emit_json(res)
         return

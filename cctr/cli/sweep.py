@@ -8,43 +8,52 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cctr.cli.common import TRACKING_URI_HELP, emit_json, use_tracking
+from cctr.cli.common import SET_HELP, TRACKING_URI_HELP, Preset, emit_json, json_option, use_tracking, value
 from cctr.console import console, out
 
 
 def sweep_cmd(
     dataset: str = typer.Option("phantom-cardiac", "--dataset", help="Dataset name."),
-    labeled: str = typer.Option("1,2,4", "--labeled", help="Labeled counts, one study each: 1,2,4"),
+    labeled: Optional[str] = typer.Option(None, "--labeled", help="Labeled counts, comma-separated, one study "
+                                          "each (default: the dataset's protocol: 1,2,4 on the phantoms and "
+                                          "Synapse, 1,3,7 on ACDC)."),
     trials: int = typer.Option(8, "--trials", help="Finished (complete or pruned) trials per study."),
     space: Optional[Path] = typer.Option(None, "--space", help="Search space YAML (default: the repo's "
                                          "sweeps/default.yaml, found from any directory)."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: mlruns/optuna.db); "
-                                           "a shared PostgreSQL URL lets workers on many machines join "
-                                           "one study (docs/cluster.md)."),
-    preset: str = typer.Option("quick", "--preset", help="quick | paper"),
-    config: Optional[Path] = typer.Option(None, "--config", help="Run YAML (default experiments/<dataset>.yaml)."),
-    overrides: list[str] = typer.Option([], "--set", help="section.key=value for every trial."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default: sqlite "
+                                          "$CCTR_MLRUNS/optuna.db); a shared PostgreSQL URL lets workers on "
+                                          "many machines join one study (docs/cluster.md)."),
+    preset: Preset = typer.Option(Preset.quick, "--preset", help="quick: minutes per trial on a CPU; paper: "
+                                  "the SSL4MIS protocol on a GPU."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Run YAML (default: experiments/<dataset>.yaml)."),
+    overrides: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP + " Applies to every trial."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Stop starting trials after S seconds."),
-    heartbeat: int = typer.Option(30, "--heartbeat", help="Seconds between worker heartbeats."),
+    heartbeat: int = typer.Option(30, "--heartbeat", help="Seconds between worker heartbeats; a trial whose "
+                                  "worker stops beating is failed and retried."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Worker processes on this machine "
                                        "(default: one per core or GPU, at most --trials)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads per worker (default: cores // jobs)."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = json_option(),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_URI_HELP),
 ) -> None:
-    """One Optuna study per labeled count; every trial is a nested MLflow run that really trains."""
+    """Tune a method's loss weights: one Optuna study per labeled count, maximising validation Dice.
+
+    Each trial trains the config's method (cctr unless --set train.method=...) with values drawn from the search space (default: sweeps/default.yaml: train.w_ct, w_rsl, w_con, memory_size, tau, reps_cap), reports validation Dice as it trains (weak trials are pruned by the median rule) and logs test Dice; the best trial per study is printed and tagged in MLflow. Re-running resumes the studies; a second command on the same --storage joins them as more workers.
+
+    Cost: one quick-preset training per trial (a few minutes on 2 CPU cores), --trials x labeled counts in all.
+    """
     from cctr.config import default_config_path, load_config
     from cctr.data.datasets import get_spec
     from cctr.sweep import DEFAULT_SPACE, load_space, parse_labeled, run_sweep
 
-    counts = parse_labeled(labeled)
-    get_spec(dataset)
+    ds = get_spec(dataset)
+    counts = parse_labeled(labeled) if labeled else list(ds.labeled_counts)
     if trials < 1:
         from cctr.errors import CctrError
 
         raise CctrError(f"--trials must be >= 1, got {trials}")
     sp = load_space(space or DEFAULT_SPACE)
-    cfg = load_config(config or default_config_path(dataset), preset, [*overrides, f"data.dataset={dataset}"])
+    cfg = load_config(config or default_config_path(dataset), value(preset), [*overrides, f"data.dataset={dataset}"])
     from cctr.workers import default_jobs
 
     if jobs is not None and jobs < 1:
@@ -86,33 +95,44 @@ def ui_cmd(
     port: int = typer.Option(5000, "--port", help="Port to serve on; a taken port is an error (exit 2)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
 ) -> None:
-    """The MLflow UI over this repo's store; prints the runs pages' URLs once the server answers."""
+    """Browse every run (sweeps, Table 1, single runs) in the MLflow UI; prints the URLs, the server's log goes to a file.
+
+    Serves $CCTR_MLRUNS (default mlruns/) until Ctrl-C.
+    """
     from cctr.ui import serve
 
     serve(host, port, log=out.print)
 
 
 def table1_cmd(
-    dataset: str = typer.Option("phantom-cardiac", "--dataset"),
-    spec: Optional[Path] = typer.Option(None, "--spec", help="Default: the repo's experiments/table1_<dataset>.yaml"),
-    preset: Optional[str] = typer.Option(None, "--preset"),
-    seeds: Optional[int] = typer.Option(None, "--seeds", help="Number of seeds (0..N-1); default: the spec's."),
+    dataset: str = typer.Option("phantom-cardiac", "--dataset", help="Dataset name; picks the table spec."),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="Table spec YAML (default: the repo's "
+                                        "experiments/table1_<dataset>.yaml: methods, labeled counts, seeds, config)."),
+    preset: Optional[Preset] = typer.Option(None, "--preset", help="quick or paper (default: the spec's, quick)."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="How many seeds: seeds 0..N-1 (default: the spec's, "
+                                        "3). Seed S of a cell is the `--seed S` of `cctr train`."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Worker processes (default: one per core or GPU)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads per worker (default: cores // jobs)."),
     register: bool = typer.Option(True, "--register/--no-register",
                                   help="Train the registration model first if it is missing."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Also write the qualitative and curve figures."),
-    out_dir: Path = typer.Option(Path("results"), "--out"),
-    as_json: bool = typer.Option(False, "--json"),
+    out_dir: Path = typer.Option(Path("results"), "--out", help="Folder for table1_<dataset>.md/.csv/.tex/.png "
+                                 "and the per-run CSV."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL shared by workers on many "
                                           "machines: each cell is claimed by one worker, a dead worker's cell is "
                                           "retried (docs/cluster.md). Default: this machine only."),
     collect: bool = typer.Option(False, "--collect", help="Train nothing: write the table from the tracking "
                                  "store's finished cells."),
     heartbeat: int = typer.Option(30, "--heartbeat", help="Seconds between worker heartbeats (with --storage)."),
+    as_json: bool = json_option(),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help=TRACKING_URI_HELP),
 ) -> None:
-    """Run every Table-1 cell not finished yet (in parallel), then write results/table1_<dataset>.*"""
+    """Train every Table-1 cell not finished yet (methods x labeled counts x seeds), then write the table.
+
+    The grid (phantom-cardiac): 10 methods (CCT-R's rows and the peers bcp, unimatch) x labeled 1,2,4 x seeds 0-2, full trained once per seed: 84 cells of the quick preset; CCT-R's 66 take about 1 h on 2 CPU cores with native bf16, about twice that without (docs/performance.md). Finished cells are found in MLflow by their config hash and skipped, so an interrupted run resumes. Writes results/table1_<dataset>.md/.csv/.tex, figures and a per-run CSV.
+
+    One cell again: `cctr train --dataset D --method M --labeled N --seed S`.
+    """
     from cctr.config import EXPERIMENTS
     from cctr.data.datasets import get_spec
     from cctr.errors import CctrError
@@ -120,7 +140,7 @@ def table1_cmd(
 
     ds_spec = get_spec(dataset)
     path = spec or EXPERIMENTS / f"table1_{dataset.replace('-', '_')}.yaml"
-    ts = load_table_spec(path, preset, seeds)
+    ts = load_table_spec(path, value(preset), seeds)
     use_tracking(tracking_uri)
     if collect:
         records = collect_records(ts, dataset)

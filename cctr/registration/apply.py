@@ -18,7 +18,11 @@ into L. From it:
   as in multi-atlas segmentation). A plain average of two atlases ties wherever they disagree, the tie
   went to class 0, and the confidence there was 1/2 whichever atlas was right: y_reg lost organs and
   c_reg ranked it the wrong way round (validation Dice above the threshold below the Dice under it).
-- `coords`: phi_{L*->V} in mm of the reference labeled case L* = labeled[0], on V's registration grid.
+- `coords`: phi_{L*->V} in mm of the reference labeled case L* = labeled[0], on V's registration grid,
+  and their gate `c_coord`: L*'s own confidence (its label agreement times its image agreement, as
+  `c_reg` with L* alone). The fused `c_reg` says how far y_reg can be trusted; a voxel that L*
+  misregisters can still have a high fused confidence where the other atlases agree, and would pass
+  with wrong coordinates. With one atlas the two are the same map, stored once.
 `c_reg` and `coords` are smooth at the grid's resolution, so they are stored there with V's native<->grid
 map and interpolated where a slice is read (`cctr.data.slices.GridField`): interpolating phi on the grid
 is exactly how the registration itself defines positions between grid voxels. A real CT case (512 x 512
@@ -101,6 +105,7 @@ class CaseMaps:
     y_reg: SliceStack  # uint8 [Z,H,W] at native resolution, read slice by slice
     c_reg: GridField  # 1 channel in [0,1], on the registration grid
     coords: GridField  # 3 channels (z,y,x) mm in the reference labeled case, on the registration grid
+    c_coord: GridField  # the gate of `coords`: the reference atlas' own confidence (`c_reg` with one atlas)
 
 
 class RegMaps:
@@ -131,7 +136,9 @@ class RegMaps:
                 scale, offset = z["scale"], z["offset"]
                 y = SliceStack(z["y_reg_data"], z["y_reg_offsets"], shape)  # type: ignore[arg-type]
                 c = GridField(z["c_reg"][None].astype(np.float32) / CONF_LEVELS, scale, offset, shape)
-                return CaseMaps(y, c, GridField(z["coords"], scale, offset, shape))
+                cc = GridField(z["c_coord"][None].astype(np.float32) / CONF_LEVELS, scale, offset, shape) \
+                    if "c_coord" in z.files else c
+                return CaseMaps(y, c, GridField(z["coords"], scale, offset, shape), cc)
         except (OSError, KeyError, ValueError, zlib.error) as e:
             raise CctrError(f"{path}: unreadable registration cache ({e}); delete {self.root}") from None
 
@@ -162,6 +169,8 @@ def maps_dir(dataset: str, checkpoint: Path, split: Split, cfg: RegistrationConf
     key = {"version": MAPS_VERSION, "checkpoint": file_sha(checkpoint), "dataset": dataset, "split": split.to_json()}
     if cfg.refine_iters > 0:  # maps of the net alone keep their earlier key
         key["refine"] = [getattr(cfg, k) for k in APPLY_ONLY]
+    if len(split.labeled) > 1:  # several atlases: the coordinates' gate is stored (one atlas: c_reg, unchanged)
+        key["coord_gate"] = "reference"
     key = config_hash(key)
     return cache_root() / dataset / "registration" / "maps" / key
 
@@ -331,10 +340,14 @@ def fuse(phis: dict[str, torch.Tensor], target: Case, target_image: torch.Tensor
     y = transfer_labels(phis, target, atlases, num_classes, cfg.fov_mm, weights)
     c = confidence(fits, weights)
     data, offsets = SliceStack.pack(y)
-    return {"y_reg_data": data, "y_reg_offsets": offsets, "shape": np.asarray(target.shape, np.int64),
-            "scale": tmap.scale.numpy(), "offset": tmap.offset.numpy(),
-            "c_reg": np.round(c.numpy() * CONF_LEVELS).astype(np.uint8),
-            "coords": reference_coords(phis[reference], atlases[reference]).numpy().astype(np.float32)}
+    out = {"y_reg_data": data, "y_reg_offsets": offsets, "shape": np.asarray(target.shape, np.int64),
+           "scale": tmap.scale.numpy(), "offset": tmap.offset.numpy(),
+           "c_reg": np.round(c.numpy() * CONF_LEVELS).astype(np.uint8),
+           "coords": reference_coords(phis[reference], atlases[reference]).numpy().astype(np.float32)}
+    if len(phis) > 1:  # the coordinates' own gate (module docstring); with one atlas it is c_reg
+        own = confidence({reference: fits[reference]}, {reference: torch.ones(())})
+        out["c_coord"] = np.round(own.numpy() * CONF_LEVELS).astype(np.uint8)
+    return out
 
 
 def check_labeled(ds: Dataset, split: Split) -> None:

@@ -93,7 +93,7 @@ def find_checkpoint(dataset: str, cfg: RegistrationConfig, split: Split) -> Path
         ck = load_checkpoint(path, FORMAT)
         done = int(ck["iteration"]) >= int(ck["config"]["iters"])
     if not done:
-        seed = f" --seed {split.seed}" if split.seed else ""
+        seed = f" --split-seed {split.seed}" if split.seed else ""
         lab = f" --labeled {len(split.labeled)}" if cfg.dice_weight > 0 else ""
         state = "unfinished" if path.is_file() else "no"
         raise CctrError(

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cctr import progress as progress_display
 from cctr import workers
 from cctr.checkpoint import config_hash
 from cctr.config import RunConfig, from_dict, to_dict
@@ -293,11 +294,14 @@ def run_table(spec: Table1Spec, log: Callable[[str], None] = print, progress: bo
                                            "labeled_cases": ",".join(split.labeled), "table1_pid": os.getpid(),
                                            "table1_host": socket.gethostname()}})
                 names = [f"[{i + 1}/{len(todo)}] {_cell_name(c)}" for i, c in enumerate(todo)]
+                watch = f"tags.table1 = '{spec.name}' and tags.role = 'cell' and tags.table1_pid = '{os.getpid()}'"
                 try:
-                    if n_jobs == 1:
-                        res = _run_inprocess(tasks, n_threads, progress, log, names)
-                    else:
-                        res = _run_parallel(tasks, n_jobs, n_threads, log, names)
+                    with progress_display.cells(dataset, watch, len(tasks), cfgs[todo[0]].train.iters, n_jobs,
+                                                enabled=progress, title=f"table1 {spec.name}") as shown:
+                        if n_jobs == 1:
+                            res = _run_inprocess(tasks, n_threads, progress and not shown, log, names)
+                        else:
+                            res = _run_parallel(tasks, n_jobs, n_threads, log, names)
                 except BaseException:
                     _end_stale_runs(dataset, spec.name, log)  # a worker killed hard leaves none RUNNING
                     raise
