@@ -7,8 +7,10 @@ Each trial is a full `cctr.train.train` run, nested under one MLflow parent run 
 from __future__ import annotations
 
 import os
+import socket
 import time
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,11 +128,15 @@ def _make_pruner(d: dict):
     return table[kind](**d)
 
 
-def _make_sampler(d: dict):
+def _make_sampler(d: dict, salt: int = 0):
+    """The space's sampler; `salt` shifts its seed, so parallel workers (each with its own sampler
+    object) do not draw the very same values: seeded alike, two workers' first trials were identical."""
     import optuna
 
     d = dict(d)
     kind = d.pop("type", "tpe")
+    if salt and d.get("seed") is not None:
+        d["seed"] = (int(d["seed"]) + salt) % 2**32
     table = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler}
     if kind not in table:
         raise CctrError(f"unknown sampler '{kind}'; known: {', '.join(table)}")
@@ -290,13 +296,14 @@ def _prepare_registration(cfg: RunConfig, split, velocities: dict, storage: str 
         registration_maps(cfg.data.dataset, cfg.registration, split, velocities=velocities)
 
 
-def _open_study(name: str, storage, space: Space):
+def _open_study(name: str, storage, space: Space, salt: int = 0):
     """(study, owner). Creating the study is the one step the storage makes atomic (a unique name), so
-    of several workers starting together exactly one owns it and names the MLflow parent run."""
+    of several workers starting together exactly one owns it and names the MLflow parent run. `salt`:
+    this worker's sampler seed offset (`_make_sampler`)."""
     import optuna
 
     kw = {"study_name": name, "storage": storage, "pruner": _make_pruner(space.pruner),
-          "sampler": _make_sampler(space.sampler)}
+          "sampler": _make_sampler(space.sampler, salt)}
     try:
         return optuna.create_study(direction="maximize", **kw), True
     except optuna.exceptions.DuplicatedStudyError:
@@ -388,7 +395,9 @@ def _sweep_worker(url: str, heartbeat_s: int, name: str, cfg: RunConfig, space: 
         return
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study, _ = _open_study(name, make_storage(url, heartbeat_s), space)
+        # a worker's own seed offset: its host and process (workers on other machines join the same study)
+        salt = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
+        study, _ = _open_study(name, make_storage(url, heartbeat_s), space, salt)
         _optimize(study, cfg, space, n_trials, parent, deadline, False, lambda m: None)
     except KeyboardInterrupt:
         return

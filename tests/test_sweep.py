@@ -114,6 +114,7 @@ def test_sweep_jobs_runs_trials_in_parallel_workers(fresh_store):
     assert len(done) >= 2 and not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
     a, b = sorted(done, key=lambda t: t.datetime_start)[:2]
     assert b.datetime_start < a.datetime_complete  # the second started before the first finished
+    assert a.params != b.params  # each worker's sampler draws its own values (the space's seed is shared)
     runs = [tracking.client().get_run(t.user_attrs["mlflow_run_id"]) for t in done]
     assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {res[0].parent_run_id}
     assert all(r.info.status == "FINISHED" for r in runs)
