@@ -34,7 +34,9 @@ Example pipeline (one run by hand; see README.md):
 
 EPILOG = ("Environment (paths relative to the current directory): CCTR_DATA_ROOT (raw datasets, default "
           "data/), CCTR_CACHE (prepared cases, registration nets and maps, default data_cache/), CCTR_MLRUNS "
-          "(MLflow and Optuna stores, default mlruns/). Docs: README.md and docs/.")
+          "(MLflow and Optuna stores, default mlruns/), MLFLOW_TRACKING_URI (a shared tracking server instead: "
+          "docs/cluster.md), CCTR_PLUGINS (your modules of extra loss terms and methods: docs/method.md). "
+          "Docs: README.md and docs/.")
 
 MAIN, SINGLE, TOOLS = "Main uses", "Single runs", "Data and tools"
 
