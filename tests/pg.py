@@ -21,14 +21,13 @@ from pathlib import Path
 import pytest
 
 from tests.test_sweep_postgres import (
-    INSTALL,
     PG_PASS,
     PG_ROLE,
-    _bindir,
     _free_port,
     _psql,
     _system_cluster_port,
     _throwaway_cluster,
+    require_postgres,
 )
 
 
@@ -67,11 +66,7 @@ class Postgres:
 
 def postgres_server():
     """Generator for a fixture: a `Postgres` (skips, or fails in CI, without the binaries)."""
-    bindir = _bindir()
-    if bindir is None:
-        if os.environ.get("CCTR_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"PostgreSQL is not installed and CCTR_REQUIRE_POSTGRES=1: `{INSTALL}` (see .ci/run)")
-        pytest.skip(f"PostgreSQL is not installed: `{INSTALL}` to run the multi-machine tests")
+    bindir = require_postgres()
     port = _system_cluster_port()
     if port is not None:
         if _psql(f"select 1 from pg_roles where rolname='{PG_ROLE}'").stdout.strip() != "1":

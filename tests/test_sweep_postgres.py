@@ -98,13 +98,20 @@ def _throwaway_cluster(bindir: Path):
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def pg_url():
+def require_postgres() -> Path:
+    """PostgreSQL's bindir; without the binaries the test skips with the install line, or fails under
+    CCTR_REQUIRE_POSTGRES=1 (CI: multi-machine storage is a promised feature)."""
     bindir = _bindir()
     if bindir is None:
         if os.environ.get("CCTR_REQUIRE_POSTGRES") == "1":
             pytest.fail(f"PostgreSQL is not installed and CCTR_REQUIRE_POSTGRES=1: `{INSTALL}` (see .ci/run)")
-        pytest.skip(f"PostgreSQL is not installed: `{INSTALL}` to run the multi-worker test")
+        pytest.skip(f"PostgreSQL is not installed: `{INSTALL}` to run the multi-worker tests")
+    return bindir
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    bindir = require_postgres()
     port = _system_cluster_port()
     yield from (_system_database(port) if port is not None else _throwaway_cluster(bindir))
 
