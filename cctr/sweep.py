@@ -286,7 +286,7 @@ def _check_inputs(cfg: RunConfig):
 
 def _prepare_registration(cfg: RunConfig, split, velocities: dict, storage: str | None = None,
                           heartbeat_s: int = 30) -> None:
-    from cctr.train import get_method
+    from cctr.terms import get_method
 
     if get_method(cfg.train.method).needs_registration:
         from cctr.registration import ensure_registration, registration_maps

@@ -31,8 +31,7 @@ from cctr.evaluate import (
     predict_cases,
     write_rows,
 )
-from cctr.terms import (  # noqa: F401
-    METHODS,
+from cctr.terms import (
     TERMS,
     Method,
     StepContext,
@@ -343,21 +342,10 @@ class Fit:
     term_state: dict[str, Any]  # per-term state (memory banks, ...), by term name
     state: StepState
     gen: torch.Generator  # anchor sampling; reseeded per iteration so resume is exact
+    trained: list  # the nets the method trains (`Method.nets`): both, or net A alone
+    params: list[torch.nn.Parameter]  # theirs, in the optimizer's order (clipped every step)
     reg_dice: dict[str, float] = field(default_factory=dict)  # y_reg's fixed Dice, computed once
     crossed_at: int | None = None  # the first validation at which the nets reached y_reg's Dice
-
-    @property
-    def trained(self) -> list:
-        """The nets the method trains (`Method.nets`): both, or net A alone."""
-        return trained_nets(self.method, self.nets)
-
-    @property
-    def params(self) -> list[torch.nn.Parameter]:
-        return [p for n in self.trained for p in n.parameters()]
-
-
-def trained_nets(method: Method, nets: list) -> list:
-    return [n for k, n in zip("ab", nets) if k in method.nets]
 
 
 def _fit(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck: dict | None, progress: bool,
@@ -429,7 +417,9 @@ def _setup(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck
     t = cfg.train
     device = device_for()
     nets = [n.to(device) for n in build_nets(cfg.model, data.ds.spec.num_classes)]
-    opt = make_optimizer(t, [p for n in trained_nets(method, nets) for p in n.parameters()])
+    trained = [n for k, n in zip("ab", nets) if k in method.nets]
+    params = [p for n in trained for p in n.parameters()]
+    opt = make_optimizer(t, params)
     amp = amp_dtype(t.amp, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     term_state = {k: TERMS[k].setup(cfg, data, device) for k in method.terms if TERMS[k].setup is not None}
@@ -444,7 +434,7 @@ def _setup(cfg: RunConfig, method: Method, data: RunData, run, run_dir: Path, ck
             scaler.load_state_dict(ck["scaler"])
         state = StepState(ck["iteration"], ck["best_dice"], ck["best_iter"], list(ck["history"]), dict(ck["early"]))
     fit = Fit(cfg, method, data, run, run_dir, device, nets, opt, amp, scaler, term_state, state,
-              torch.Generator(device=device))
+              torch.Generator(device=device), trained, params)
     fit.crossed_at = rsl_crossed(state.history)  # a resumed run continues where it was
     return fit
 

@@ -49,7 +49,7 @@ def test_flags_show_no_value_placeholder():
 
 
 def test_method_typo_rejected_at_parse_time():
-    from cctr.train import METHODS
+    from cctr.terms import METHODS
 
     p = cli("train", "--method", "cctx", timeout=60)
     assert p.returncode == 2

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from cctr import tracking
-from cctr.train import METHODS, train
+from cctr.terms import METHODS
+from cctr.train import train
 from tests.helpers import tiny_cfg
 
 REFERENCE = Path(__file__).parent / "data" / "term_reference.json"

@@ -14,8 +14,8 @@ import torch
 from cctr import tracking
 from cctr.config import apply_overrides
 from cctr.errors import CctrError
-from cctr.terms import Contrast, contrastive_term
-from cctr.train import METHODS, monitor_metrics, train
+from cctr.terms import METHODS, Contrast, contrastive_term
+from cctr.train import monitor_metrics, train
 from tests.helpers import TINY, cli_inprocess, tiny_cfg, write_yaml
 
 

@@ -34,7 +34,7 @@ class Table1Spec:
 
 def load_table_spec(path: Path, preset: str | None = None, seeds: int | None = None) -> Table1Spec:
     raw = read_yaml(path, "table spec")
-    from cctr.train import get_method
+    from cctr.terms import get_method
 
 
     for m in raw.get("methods", []):

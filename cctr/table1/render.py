@@ -70,7 +70,7 @@ def _fmt_p(p: float, latex: bool = False) -> str:
 def sanity_checks(spec: Table1Spec, rows: list[dict], ckpt: str = "best") -> list[str]:
     """Lines for the reader's first checks on mean test Dice: `full` at or above every row, `sup` at
     or below every semi-supervised row, at every labeled count. Violations are flagged, not hidden."""
-    from cctr.train import get_method
+    from cctr.terms import get_method
 
     semi = [m for m in spec.methods if get_method(m).unlabeled]
     lines = []

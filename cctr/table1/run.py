@@ -40,7 +40,7 @@ def prepare_shared(cfgs: list[RunConfig], log: Callable[[str], None] = print, re
     `cctr register train`); with it the model is trained here, once. Returns each config's split.
     """
     from cctr.data.datasets import load_dataset
-    from cctr.train import get_method
+    from cctr.terms import get_method
 
     if not cfgs:
         return []
