@@ -110,6 +110,11 @@ class TrainConfig:
     rsl_schedule: str = "fade"
     # RSL yields where both nets agree on another class than y_reg, each at least this sure (> 1: never)
     rsl_yield_conf: float = 0.9
+    # how c_reg selects RSL's pixels: "weight" (every pixel inside the slice, weighted by c_reg: the calibrated
+    # chance that y_reg is right there) | "gate" (only those with c_reg >= conf_threshold, as the paper). The gate
+    # dropped three quarters of the myocardium's y_reg on phantom-cardiac; "weight" raised cctr's validation
+    # Dice there (docs/decisions.md)
+    rsl_confidence: str = "weight"
     w_con: float = 0.1
     conf_threshold: float = 0.6
     tau: float = 0.1

@@ -79,6 +79,27 @@ def dice_ce(
     return 0.5 * (ce_loss(logits, target, ignore_mask) + dice_loss(logits, target, num_classes, ignore_mask))
 
 
+def weighted_dice_ce(logits: torch.Tensor, target: torch.Tensor, num_classes: int, weight: torch.Tensor
+                     ) -> torch.Tensor:
+    """½(CE + Dice) with a per-pixel weight [B,H,W] in [0,1]: CE is the weighted mean over pixels, Dice is
+    1 − (2·Σ w·p·y + ε) / (Σ w·p² + Σ w·y² + ε) per class. A 0/1 weight gives `dice_ce` with those pixels
+    ignored; a calibrated confidence as the weight counts each pixel by its chance of being right
+    (RSL's `train.rsl_confidence: weight`)."""
+    w = weight.float()
+    t = torch.where(w > 0, target.long(), torch.zeros_like(target, dtype=torch.long))
+    s = w.sum()
+    if s == 0:
+        return _zero(logits)
+    ce = (F.cross_entropy(logits.float(), t, reduction="none") * w).sum() / s
+    probs = torch.softmax(logits.float(), dim=1)
+    y = F.one_hot(t, num_classes).permute(0, 3, 1, 2).float()
+    wc, dims = w.unsqueeze(1), (0, 2, 3)
+    inter = (wc * probs * y).sum(dims)
+    denom = (wc * probs * probs).sum(dims) + (wc * y).sum(dims)
+    dice = (1.0 - (2.0 * inter + DICE_EPS) / (denom + DICE_EPS)).mean()
+    return 0.5 * (ce + dice)
+
+
 def hard_labels(logits: torch.Tensor) -> torch.Tensor:
     """Detached argmax over classes (dim 1), the first class on ties. `max(1).indices` gives the same
     labels as `argmax(1)` at a hundredth of its cost on CPU (3 ms vs 25 us for a [4,4,64,64] batch:

@@ -148,18 +148,24 @@ def rsl_yield(la: torch.Tensor, lb: torch.Tensor, y_reg: torch.Tensor, conf: flo
         return (ya == yb) & (ya != y_reg) & (pa >= conf) & (pb >= conf)
 
 
-def _rsl(ctx: StepContext, yield_conf: float | None) -> torch.Tensor:
-    """½(CE + Dice) of each net against y_reg on the unlabeled slices, where c_reg passes the threshold and
-    the pixel came from inside the slice; `yield_conf` (None: never) lets the nets override y_reg."""
+def _rsl(ctx: StepContext, yield_conf: float | None, soft: bool = False) -> torch.Tensor:
+    """½(CE + Dice) of each net against y_reg on the unlabeled slices, on pixels that came from inside the
+    slice: those where c_reg passes the threshold, or (`soft`) every one weighted by c_reg; `yield_conf`
+    (None: never) lets the nets override y_reg."""
     t, b_l, dev = ctx.cfg.train, ctx.b_l, ctx.device
     la, lb = (lg[b_l:] for lg in ctx.logits)
     yr = ctx.batch["y_reg"].to(dev).long()[b_l:]
     cr = ctx.batch["c_reg"].to(dev).float()[b_l:].reshape(yr.shape)
     ignore = ~ctx.batch["valid"].to(dev)[b_l:]  # pixels rotated in from outside the slice carry no label
     if yield_conf is not None:
-        yielded = rsl_yield(la, lb, yr, yield_conf) & ~ignore & (cr >= t.conf_threshold)
+        yielded = rsl_yield(la, lb, yr, yield_conf) & ~ignore
+        if not soft:
+            yielded &= cr >= t.conf_threshold
         ctx.stats["rsl_yield"] = float(yielded.float().mean())
         ignore = ignore | yielded
+    if soft:
+        w = cr.masked_fill(ignore, 0.0)
+        return sum(L.weighted_dice_ce(lg, yr, ctx.num_classes, w) for lg in (la, lb))
     return sum(L.rsl_loss(lg, yr, cr, t.conf_threshold, ctx.num_classes, ignore) for lg in (la, lb))
 
 
@@ -304,11 +310,12 @@ register_term(Term("sup", _sup, doc="½(CE + Dice) of each net on the labeled sl
 register_term(Term("ct", _ct, lambda t: (t.w_ct, "ramp"), frozenset({"unlabeled"}), nonneg=("w_ct",),
                    doc="cross-teaching: Dice of each net against the other's hard labels on unlabeled slices"))
 register_term(Term(
-    "rsl", lambda ctx: _rsl(ctx, ctx.cfg.train.rsl_yield_conf), lambda t: (t.w_rsl, t.rsl_schedule),
-    frozenset({"unlabeled", "registration"}), nonneg=("w_rsl", "rsl_yield_conf"),
-    choices={"rsl_schedule": L.SCHEDULES},
-    doc="registration supervision against y_reg where c_reg passes; yields where both nets confidently "
-        "disagree with it, on `rsl_schedule` (default: fades out after the validation crossover)"))
+    "rsl", lambda ctx: _rsl(ctx, ctx.cfg.train.rsl_yield_conf, ctx.cfg.train.rsl_confidence == "weight"),
+    lambda t: (t.w_rsl, t.rsl_schedule), frozenset({"unlabeled", "registration"}), nonneg=("w_rsl", "rsl_yield_conf"),
+    choices={"rsl_schedule": L.SCHEDULES, "rsl_confidence": ("gate", "weight")},
+    doc="registration supervision against y_reg where c_reg passes (or weighted by c_reg: `rsl_confidence`); "
+        "yields where both nets confidently disagree with it, on `rsl_schedule` (default: fades out after the "
+        "validation crossover)"))
 register_term(Term(
     "rsl_plain", lambda ctx: _rsl(ctx, None), lambda t: (t.w_rsl, "constant"),
     frozenset({"unlabeled", "registration"}), nonneg=("w_rsl",),
@@ -380,6 +387,7 @@ def register_method(method: Method) -> Method:
 
 for _m in (
     Method("sup", doc="labeled slices only"),
+    Method("sup-a", nets=("a",), doc="net A alone on the labeled slices: the one-net peers' supervised baseline"),
     Method("ct", ("sup", "ct"), doc="+ cross-teaching between the two nets"),
     Method("cct", ("sup", "ct", "con"), doc="+ pixel contrast with pseudo-label positives"),
     Method("cct+rsl", ("sup", "ct", "rsl", "con"), doc="cct + registration supervision"),

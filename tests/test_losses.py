@@ -24,6 +24,7 @@ from cctr.losses import (
     rsl_loss,
     sample_anchors,
     scheduled_weight,
+    weighted_dice_ce,
 )
 
 
@@ -124,6 +125,33 @@ def test_rsl_ignores_low_confidence() -> None:
     assert zero.item() == 0.0
     zero.backward()
     assert logits.grad is not None and torch.all(logits.grad == 0)
+
+
+def test_weighted_dice_ce_by_hand_and_as_a_gate() -> None:
+    """Weights (1, .5, 0, .25) on the hand case of `test_dice_ce_by_hand`: CE is the weighted mean, Dice sums
+    w·p·y over w·p² + w·y²; a 0/1 weight equals `dice_ce` with the zero-weight pixels ignored."""
+    logits = _logits_2x2().requires_grad_(True)
+    target = torch.tensor([[[0, 1], [1, 0]]])
+    wt = [1.0, 0.5, 0.0, 0.25]
+    p1, y1 = [0.25, 0.5, 0.75, 0.25], [0, 1, 1, 0]
+    p, y = [[1 - q for q in p1], p1], [[1 - t for t in y1], y1]
+    ce = sum(w * -math.log(p[t][i]) for i, (t, w) in enumerate(zip(y1, wt))) / sum(wt)
+    dices = []
+    for c in range(2):
+        inter = sum(wt[i] * p[c][i] * y[c][i] for i in range(4))
+        den = sum(wt[i] * (p[c][i] ** 2 + y[c][i] ** 2) for i in range(4))
+        dices.append(1 - (2 * inter + DICE_EPS) / (den + DICE_EPS))
+    got = weighted_dice_ce(logits, target, 2, torch.tensor(wt).view(1, 2, 2))
+    assert got.item() == pytest.approx(0.5 * (ce + sum(dices) / 2), rel=1e-5)
+    g = torch.Generator().manual_seed(3)
+    lg = torch.randn(2, 3, 6, 6, generator=g)
+    yy = torch.randint(0, 3, (2, 6, 6), generator=g)
+    keep = torch.rand(2, 6, 6, generator=g) > 0.4
+    assert weighted_dice_ce(lg, yy, 3, keep.float()).item() == pytest.approx(dice_ce(lg, yy, 3, ~keep).item(), rel=1e-6)
+    zero = weighted_dice_ce(logits, target, 2, torch.zeros(1, 2, 2))
+    assert zero.item() == 0.0
+    zero.backward()
+    assert torch.all(logits.grad == 0)
 
 
 def _unit(deg: float) -> list[float]:

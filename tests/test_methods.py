@@ -100,3 +100,39 @@ def test_a_method_with_an_unknown_term_is_refused():
 
     with pytest.raises(CctrError, match="unknown loss terms nope"):
         register_method(Method("bad", ("sup", "nope")))
+
+
+def test_rsl_confidence_gate_or_weight():
+    """RSL's pixels on a hand-built step: "gate" keeps those at c_reg >= conf_threshold, "weight" counts
+    every pixel inside the slice by its c_reg; padding (valid False) counts in neither."""
+    from cctr import losses as L
+    from cctr.terms import METHODS as M
+    from cctr.terms import StepContext, _rsl
+
+    g = torch.Generator().manual_seed(0)
+    la, lb = (torch.randn(3, 4, 5, 5, generator=g) for _ in range(2))
+    y_reg = torch.randint(0, 4, (3, 5, 5), generator=g)
+    c_reg = torch.rand(3, 5, 5, generator=g)
+    valid = torch.ones(3, 5, 5, dtype=torch.bool)
+    valid[1:, 0] = False  # a padding row in each unlabeled slice
+
+    def loss(mode, y=y_reg):
+        cfg = tiny_cfg(method="cct+rsl", batch_labeled=1, rsl_confidence=mode, rsl_yield_conf=2.0)
+        ctx = StepContext(cfg, M["cct+rsl"], [], {"y_reg": y, "c_reg": c_reg, "valid": valid}, torch.device("cpu"),
+                          torch.Generator())
+        ctx.__dict__["logits"] = [la, lb]
+        return float(_rsl(ctx, cfg.train.rsl_yield_conf, mode == "weight"))
+
+    t = tiny_cfg().train.conf_threshold
+    gate_ignore = (c_reg[1:] < t) | ~valid[1:]
+    want_gate = sum(float(L.dice_ce(lg[1:], y_reg[1:], 4, gate_ignore)) for lg in (la, lb))
+    want_weight = sum(float(L.weighted_dice_ce(lg[1:], y_reg[1:], 4, c_reg[1:] * valid[1:])) for lg in (la, lb))
+    assert loss("gate") == pytest.approx(want_gate, rel=1e-6)
+    assert loss("weight") == pytest.approx(want_weight, rel=1e-6)
+    below = (c_reg < t) & valid
+    below[0] = False
+    moved = torch.where(below, (y_reg + 1) % 4, y_reg)  # y_reg changed only where the gate is shut
+    assert loss("gate", moved) == pytest.approx(loss("gate"), rel=1e-6)
+    assert abs(loss("weight", moved) - loss("weight")) > 1e-3
+    pad = torch.where(~valid, (y_reg + 1) % 4, y_reg)
+    assert loss("weight", pad) == pytest.approx(loss("weight"), rel=1e-6)

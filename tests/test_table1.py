@@ -1,4 +1,4 @@
-"""Table 1 (issue 11): seeds vary the labeled case on a fixed test set; cells run in parallel worker
+"""Table 1: seeds vary the labeled case on a fixed test set; cells run in parallel worker
 processes; an interrupted table resumes to the identical table; Wilcoxon/Holm and the md/csv/tex
 outputs are checked against hand-computed values."""
 
@@ -17,6 +17,7 @@ import pytest
 
 from cctr import tracking
 from cctr.table1 import (
+    Table1Spec,
     cell_config,
     cell_split,
     cells,
@@ -67,7 +68,7 @@ def test_seed_varies_the_labeled_case_not_the_test_set(tmp_path):
 def test_default_grids_are_the_quick_preset_with_three_seeds(name):
     spec = load_table_spec(REPO / "experiments" / f"table1_{name}.yaml")
     assert spec.preset == "quick" and spec.seeds == [0, 1, 2] and spec.overrides == []
-    assert spec.methods == ["sup", "ct", "cct", "cct+rsl", "cct+reps", "cctr", "bcp", "unimatch", "reg-only", "full"]
+    assert spec.methods == ["sup", "sup-a", "ct", "cct", "cct+rsl", "cct+reps", "cctr", "bcp", "unimatch", "reg-only", "full"]
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -305,3 +306,17 @@ def test_interrupted_cell_resumes_from_its_last_checkpoint(tmp_path, monkeypatch
     assert again[0]["run_id"] == part.run_id and again[0]["status"] == "FINISHED"
     for k in ("test_dice", "test_hd95_mm", "test_last_dice"):  # exact resume: the same numbers
         assert again[0][k] == ref[0][k], k
+
+
+def test_sanity_checks_hold_each_row_to_the_supervision_of_its_nets():
+    """A one-net peer is checked against `sup-a` (net A alone), a two-net row against `sup` (both nets'
+    ensemble): bcp between the two passes, ct below sup is flagged."""
+    spec = Table1Spec("t", "c.yaml", "quick", ["sup", "sup-a", "ct", "bcp"], [1], [0], [])
+    dice = {"sup": 0.60, "sup-a": 0.55, "ct": 0.58, "bcp": 0.57}
+    rows = [{"method": m, "checkpoint": "best", "labeled": 1, "dice_mean": v} for m, v in dice.items()]
+    lines = sanity_checks(spec, rows)
+    assert len(lines) == 2
+    two = next(x for x in lines if "`sup` (0.600)" in x)
+    one = next(x for x in lines if "`sup-a` (0.550)" in x)
+    assert "both nets' ensemble (`ct`)" in two and "**NO** — `ct` 0.580" in two
+    assert "net A alone (`bcp`)" in one and one.endswith(": yes")

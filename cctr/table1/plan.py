@@ -1,6 +1,6 @@
 """Table 1, stage 1 (plan): the table spec and the grid's cells (method x labeled count x seed).
 
-Seeds (issue 11): a Table-1 seed `s` sets `train.seed = s` and `data.labeled_seed = s` (which
+Seeds: a Table-1 seed `s` sets `train.seed = s` and `data.labeled_seed = s` (which
 training cases are labeled); `data.seed` (train/val/test) stays fixed, so every seed is tested on
 the same cases and the registration net (trained without labels) is trained once per dataset.
 """
