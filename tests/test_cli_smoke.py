@@ -77,3 +77,18 @@ def test_bench_scale_tiny(tmp_path):
         assert figs["wall_s"] > 0 and figs["peak_rss_mb"] > 0 and figs["disk_mb"] >= 0
     assert res["maps_mb_per_case"] > 0 and res["apply_s_per_case"] > 0 and res["train_first_iter_s"] > 0
     assert cli("bench", "--scale", "--size", "4", timeout=120).returncode == 2
+
+
+def test_table1_names_its_files_after_the_dataset_its_spec_trains(tmp_path):
+    """A spec whose config trains phantom-abdomen writes table1_phantom_abdomen.* with that title, without
+    --dataset; a --dataset that contradicts the spec is one line and exit 2."""
+    cfg = write_yaml(tmp_path / "cfg.yaml", {**TINY, "data": {**TINY["data"], "dataset": "phantom-abdomen"}})
+    spec = write_yaml(tmp_path / "table1_abd.yaml", {
+        "config": str(cfg), "methods": ["sup"], "labeled": [1], "seeds": [0], "set": ["train.iters=2"]})
+    p = cli("table1", "--spec", str(spec), "--out", str(tmp_path / "results"), "--json", timeout=300)
+    assert p.returncode == 0, p.stderr
+    md = json.loads(p.stdout)["files"]["md"]
+    assert md.endswith("table1_phantom_abdomen.md") and open(md).read().startswith("# Table 1 — phantom-abdomen")
+    bad = cli("table1", "--spec", str(spec), "--dataset", "phantom-cardiac", "--collect", timeout=120)
+    assert bad.returncode == 2 and "not --dataset phantom-cardiac" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

@@ -105,7 +105,8 @@ def ui_cmd(
 
 
 def table1_cmd(
-    dataset: str = typer.Option("phantom-cardiac", "--dataset", help="Dataset name; picks the table spec."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset name; picks the table spec (default: "
+                                          "phantom-cardiac; with --spec, the spec's dataset)."),
     spec: Optional[Path] = typer.Option(None, "--spec", help="Table spec YAML (default: the repo's "
                                         "experiments/table1_<dataset>.yaml: methods, labeled counts, seeds, config)."),
     preset: Optional[Preset] = typer.Option(None, "--preset", help="quick or paper (default: the spec's, quick)."),
@@ -136,11 +137,17 @@ def table1_cmd(
     from cctr.config import EXPERIMENTS
     from cctr.data.datasets import get_spec
     from cctr.errors import CctrError
-    from cctr.table1 import collect_records, disk_usage, load_table_spec, run_table, write_table
+    from cctr.table1 import collect_records, disk_usage, load_table_spec, run_table, table_dataset, write_table
 
-    ds_spec = get_spec(dataset)
+    if spec is None:
+        dataset = dataset or "phantom-cardiac"
+        get_spec(dataset)  # an unknown name is one line before any file is read
     path = spec or EXPERIMENTS / f"table1_{dataset.replace('-', '_')}.yaml"
     ts = load_table_spec(path, value(preset), seeds)
+    trains = table_dataset(ts)  # the table's names, classes and store come from what its cells train
+    if dataset and dataset != trains:
+        raise CctrError(f"{path}: its cells train {trains}, not --dataset {dataset}")
+    dataset, ds_spec = trains, get_spec(trains)
     use_tracking(tracking_uri)
     if collect:
         records = collect_records(ts, dataset)

@@ -29,6 +29,7 @@ from cctr.table1.plan import (
     cell_split,
     cells,
     load_table_spec,
+    table_dataset,
 )
 from cctr.table1.render import sanity_checks, summarize, write_table
 from cctr.table1.run import (
@@ -49,5 +50,5 @@ __all__ = [
     "_per_case_csv", "_resume_point", "_run_inprocess", "_run_parallel", "_table_runs", "_train_cell", "_worker",
     "cell_config", "cell_hashes", "cell_split", "cells", "collect_records", "disk_usage", "holm", "load_table_spec",
     "metric", "paired_tests", "per_case_dice", "prepare_shared", "run_table", "sanity_checks", "summarize",
-    "wilcoxon_p", "write_table",
+    "table_dataset", "wilcoxon_p", "write_table",
 ]

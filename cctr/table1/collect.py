@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from cctr.table1.plan import Table1Spec, cell_config, cell_hashes, cells
+from cctr.table1.plan import Table1Spec, cell_hashes, cells, table_dataset
 
 
 def _table_runs(dataset: str, name: str, status: str | None = None, role: str = "cell") -> list:
@@ -48,7 +48,7 @@ def collect_records(spec: Table1Spec, dataset: str | None = None,
     """One record per cell, read back from MLflow (so a resumed table equals an uninterrupted one)."""
     all_cells = cells(spec)
     hashes = cell_hashes(spec)
-    dataset = dataset or cell_config(spec, *all_cells[0]).data.dataset
+    dataset = dataset or table_dataset(spec)
     finished = _finished_by_hash(dataset, spec.name)
     records = []
     for c in all_cells:

@@ -63,6 +63,11 @@ def cell_config(spec: Table1Spec, method: str, labeled: int, seed: int) -> RunCo
                                   f"data.labeled_seed={seed}"])
 
 
+def table_dataset(spec: Table1Spec) -> str:
+    """The dataset the table's cells train (from its config): its file names, classes and store."""
+    return cell_config(spec, *cells(spec)[0]).data.dataset
+
+
 def cells(spec: Table1Spec) -> list[tuple[str, int, int]]:
     """`full` ignores the labeled count: it is trained once per seed and shown in every column."""
     out = []
