@@ -38,66 +38,61 @@ def _one_hot(target: torch.Tensor, num_classes: int, keep: torch.Tensor | None) 
     return oh
 
 
+def _pixel_weight(ignore_mask: torch.Tensor | None, weight: torch.Tensor | None) -> torch.Tensor | None:
+    """Each pixel's float weight [B,H,W] (`weight`, 1 without it; 0 in `ignore_mask`), or None when every
+    pixel counts fully. An ignore mask is the 0/1 case, so one weighted formula serves masks and confidences."""
+    if weight is None and ignore_mask is None:
+        return None
+    w = torch.ones(ignore_mask.shape, device=ignore_mask.device) if weight is None else weight.float()
+    return w if ignore_mask is None else w.masked_fill(ignore_mask, 0.0)
+
+
 def dice_loss(
     pred: torch.Tensor,
     target: torch.Tensor,
     num_classes: int,
     ignore_mask: torch.Tensor | None = None,
     *,
+    weight: torch.Tensor | None = None,
     from_logits: bool = True,
 ) -> torch.Tensor:
-    """Soft multiclass Dice loss (SSL4MIS form), mean over classes; `from_logits=False` takes probabilities."""
+    """Soft multiclass Dice loss (SSL4MIS form), mean over classes; `from_logits=False` takes probabilities.
+    With per-pixel weights w (`weight`, 0 in `ignore_mask`): 1 − (2·Σ w·p·y + ε) / (Σ w·p² + Σ w·y² + ε)."""
     probs = torch.softmax(pred.float(), dim=1) if from_logits else pred.float()
-    keep = None if ignore_mask is None else ~ignore_mask
-    y = _one_hot(target, num_classes, keep)
-    if keep is not None:
-        probs = probs * keep.unsqueeze(1)
+    w = _pixel_weight(ignore_mask, weight)
+    y = _one_hot(target, num_classes, None if w is None else w > 0)
+    if w is not None:  # p·√w and y·√w: their products and squares carry w once; a 0/1 mask is its own root
+        r = w.sqrt().unsqueeze(1)
+        probs, y = probs * r, y * r
     dims = (0, 2, 3)
     inter = (probs * y).sum(dims)
     denom = (probs * probs).sum(dims) + (y * y).sum(dims)
     return (1.0 - (2.0 * inter + DICE_EPS) / (denom + DICE_EPS)).mean()
 
 
-def ce_loss(logits: torch.Tensor, target: torch.Tensor, ignore_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Pixel cross-entropy averaged over non-ignored pixels (0 if none)."""
+def ce_loss(logits: torch.Tensor, target: torch.Tensor, ignore_mask: torch.Tensor | None = None, *,
+            weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Pixel cross-entropy, the mean over pixels weighted by `weight` (1 without it; 0 in `ignore_mask`);
+    0 if no pixel has weight."""
     t = target.long()
-    if ignore_mask is None:
+    w = _pixel_weight(ignore_mask, weight)
+    if w is None:
         return F.cross_entropy(logits.float(), t)
-    keep = ~ignore_mask
-    t = torch.where(keep, t, torch.zeros_like(t))
-    per_px = F.cross_entropy(logits.float(), t, reduction="none")
-    n = keep.sum()
-    if n == 0:
-        return _zero(logits)
-    return (per_px * keep).sum() / n
-
-
-def dice_ce(
-    logits: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """½(CE + Dice): the supervised loss of SSL4MIS, used for L_sup and L_rsl."""
-    return 0.5 * (ce_loss(logits, target, ignore_mask) + dice_loss(logits, target, num_classes, ignore_mask))
-
-
-def weighted_dice_ce(logits: torch.Tensor, target: torch.Tensor, num_classes: int, weight: torch.Tensor
-                     ) -> torch.Tensor:
-    """½(CE + Dice) with a per-pixel weight [B,H,W] in [0,1]: CE is the weighted mean over pixels, Dice is
-    1 − (2·Σ w·p·y + ε) / (Σ w·p² + Σ w·y² + ε) per class. A 0/1 weight gives `dice_ce` with those pixels
-    ignored; a calibrated confidence as the weight counts each pixel by its chance of being right
-    (RSL's `train.rsl_confidence: weight`)."""
-    w = weight.float()
-    t = torch.where(w > 0, target.long(), torch.zeros_like(target, dtype=torch.long))
+    t = torch.where(w > 0, t, torch.zeros_like(t))
     s = w.sum()
     if s == 0:
         return _zero(logits)
-    ce = (F.cross_entropy(logits.float(), t, reduction="none") * w).sum() / s
-    probs = torch.softmax(logits.float(), dim=1)
-    y = F.one_hot(t, num_classes).permute(0, 3, 1, 2).float()
-    wc, dims = w.unsqueeze(1), (0, 2, 3)
-    inter = (wc * probs * y).sum(dims)
-    denom = (wc * probs * probs).sum(dims) + (wc * y).sum(dims)
-    dice = (1.0 - (2.0 * inter + DICE_EPS) / (denom + DICE_EPS)).mean()
-    return 0.5 * (ce + dice)
+    return (F.cross_entropy(logits.float(), t, reduction="none") * w).sum() / s
+
+
+def dice_ce(
+    logits: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_mask: torch.Tensor | None = None, *,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """½(CE + Dice): the supervised loss of SSL4MIS, used for L_sup and L_rsl; `weight` counts each pixel by
+    it (a calibrated confidence: by its chance of being right, RSL's `train.rsl_confidence: weight`)."""
+    return 0.5 * (ce_loss(logits, target, ignore_mask, weight=weight)
+                  + dice_loss(logits, target, num_classes, ignore_mask, weight=weight))
 
 
 def hard_labels(logits: torch.Tensor) -> torch.Tensor:
@@ -117,14 +112,16 @@ def cross_teaching(logits_a: torch.Tensor, logits_b: torch.Tensor, num_classes: 
 
 def rsl_loss(
     logits: torch.Tensor, y_reg: torch.Tensor, c_reg: torch.Tensor, threshold: float, num_classes: int,
-    ignore_mask: torch.Tensor | None = None,
+    ignore_mask: torch.Tensor | None = None, soft: bool = False,
 ) -> torch.Tensor:
     """Registration supervision: ½(CE + Dice) against `y_reg`, pixels with `c_reg < threshold` (or in
-    `ignore_mask`) ignored.
+    `ignore_mask`) ignored; `soft`: no threshold, every pixel outside `ignore_mask` weighted by `c_reg`.
 
     With every pixel ignored both terms are exactly 0 (CE has no pixel to average, each class's Dice
     is ε/ε), so the result is 0 with the graph intact.
     """
+    if soft:
+        return dice_ce(logits, y_reg, num_classes, ignore_mask, weight=c_reg)
     ignore = c_reg < threshold
     return dice_ce(logits, y_reg, num_classes, ignore if ignore_mask is None else ignore | ignore_mask)
 

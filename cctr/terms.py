@@ -163,10 +163,7 @@ def _rsl(ctx: StepContext, yield_conf: float | None, soft: bool = False) -> torc
             yielded &= cr >= t.conf_threshold
         ctx.stats["rsl_yield"] = float(yielded.float().mean())
         ignore = ignore | yielded
-    if soft:
-        w = cr.masked_fill(ignore, 0.0)
-        return sum(L.weighted_dice_ce(lg, yr, ctx.num_classes, w) for lg in (la, lb))
-    return sum(L.rsl_loss(lg, yr, cr, t.conf_threshold, ctx.num_classes, ignore) for lg in (la, lb))
+    return sum(L.rsl_loss(lg, yr, cr, t.conf_threshold, ctx.num_classes, ignore, soft) for lg in (la, lb))
 
 
 @dataclass

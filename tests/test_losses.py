@@ -24,7 +24,6 @@ from cctr.losses import (
     rsl_loss,
     sample_anchors,
     scheduled_weight,
-    weighted_dice_ce,
 )
 
 
@@ -141,14 +140,14 @@ def test_weighted_dice_ce_by_hand_and_as_a_gate() -> None:
         inter = sum(wt[i] * p[c][i] * y[c][i] for i in range(4))
         den = sum(wt[i] * (p[c][i] ** 2 + y[c][i] ** 2) for i in range(4))
         dices.append(1 - (2 * inter + DICE_EPS) / (den + DICE_EPS))
-    got = weighted_dice_ce(logits, target, 2, torch.tensor(wt).view(1, 2, 2))
+    got = dice_ce(logits, target, 2, weight=torch.tensor(wt).view(1, 2, 2))
     assert got.item() == pytest.approx(0.5 * (ce + sum(dices) / 2), rel=1e-5)
     g = torch.Generator().manual_seed(3)
     lg = torch.randn(2, 3, 6, 6, generator=g)
     yy = torch.randint(0, 3, (2, 6, 6), generator=g)
     keep = torch.rand(2, 6, 6, generator=g) > 0.4
-    assert weighted_dice_ce(lg, yy, 3, keep.float()).item() == pytest.approx(dice_ce(lg, yy, 3, ~keep).item(), rel=1e-6)
-    zero = weighted_dice_ce(logits, target, 2, torch.zeros(1, 2, 2))
+    assert dice_ce(lg, yy, 3, weight=keep.float()).item() == pytest.approx(dice_ce(lg, yy, 3, ~keep).item(), rel=1e-6)
+    zero = dice_ce(logits, target, 2, weight=torch.zeros(1, 2, 2))
     assert zero.item() == 0.0
     zero.backward()
     assert torch.all(logits.grad == 0)

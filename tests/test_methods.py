@@ -126,7 +126,7 @@ def test_rsl_confidence_gate_or_weight():
     t = tiny_cfg().train.conf_threshold
     gate_ignore = (c_reg[1:] < t) | ~valid[1:]
     want_gate = sum(float(L.dice_ce(lg[1:], y_reg[1:], 4, gate_ignore)) for lg in (la, lb))
-    want_weight = sum(float(L.weighted_dice_ce(lg[1:], y_reg[1:], 4, c_reg[1:] * valid[1:])) for lg in (la, lb))
+    want_weight = sum(float(L.dice_ce(lg[1:], y_reg[1:], 4, weight=c_reg[1:] * valid[1:])) for lg in (la, lb))
     assert loss("gate") == pytest.approx(want_gate, rel=1e-6)
     assert loss("weight") == pytest.approx(want_weight, rel=1e-6)
     below = (c_reg < t) & valid

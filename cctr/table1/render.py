@@ -80,6 +80,8 @@ def sanity_checks(spec: Table1Spec, rows: list[dict], ckpt: str = "best") -> lis
         meth = get_method(m)
         if meth.terms == ("sup",) and meth.train and not meth.all_labeled:
             sup_rows.setdefault(meth.nets, m)
+    base_of = {m: sup_rows.get(get_method(m).nets, sup_rows.get(("a", "b")))  # a row's floor: its nets' sup
+               for m in spec.methods if get_method(m).unlabeled}
     lines = []
     for lab in spec.labeled:
         at = {r["method"]: r for r in rows if r["checkpoint"] == ckpt and r["labeled"] == lab}
@@ -89,8 +91,7 @@ def sanity_checks(spec: Table1Spec, rows: list[dict], ckpt: str = "best") -> lis
             lines.append(f"- {lab} labeled: `full` ({d['full']:.3f}) is at or above every other row: "
                          + ("yes" if not bad else "**NO** — " + ", ".join(f"`{m}` {d[m]:.3f}" for m in bad)))
         for nets, base in sup_rows.items():
-            semi = [m for m in spec.methods if get_method(m).unlabeled and m in d
-                    and sup_rows.get(get_method(m).nets, sup_rows.get(("a", "b"))) == base]
+            semi = [m for m, b in base_of.items() if b == base and m in d]
             if base not in d or not semi:
                 continue
             bad = [m for m in semi if d[m] < d[base]]
@@ -133,8 +134,11 @@ def _intro(spec: Table1Spec, dataset: str, records: list[dict], n_tests: int) ->
     seeds = (f"mean ± sample std (ddof=1) over {n} seeds, {n} runs per cell" if n > 1
              else "one seed, one run per cell (no spread)")
     one = [m for m in spec.methods if get_method(m).train and get_method(m).nets == ("a",)]
-    pred = ("prediction: both nets' ensemble" + (f", net A alone for {', '.join(f'`{m}`' for m in one)}" if one else "")
-            + ", registration for `reg-only`" * ("reg-only" in spec.methods))
+    pred = "prediction: both nets' ensemble"
+    if one:
+        pred += f", net A alone for {', '.join(f'`{m}`' for m in one)}"
+    if "reg-only" in spec.methods:
+        pred += ", registration for `reg-only`"
     return (f"{dataset}, {spec.preset} preset; test set ({_n_test_cases(records)} cases), {pred}; "
             f"{seeds}. A seed s sets the training seed and which training cases are labeled "
             f"(data.labeled_seed = s; labeled sets nested within a seed); the train/val/test split is fixed "
