@@ -308,6 +308,27 @@ def test_interrupted_cell_resumes_from_its_last_checkpoint(tmp_path, monkeypatch
         assert again[0][k] == ref[0][k], k
 
 
+def test_a_grid_reuses_the_cells_another_table_finished(tmp_path, monkeypatch):
+    """A cell that a smaller table of the same dataset finished with the same configuration is not
+    trained again: the larger grid's record is that run. A changed configuration is trained."""
+    monkeypatch.setenv("CCTR_MLRUNS", str(tmp_path / "store"))
+    small = run_table(tiny_spec(tmp_path, "table1_small", methods=["sup"], seeds=[0]), jobs=1, threads=1,
+                      progress=False, log=lambda m: None)
+    logs: list[str] = []
+    big = run_table(tiny_spec(tmp_path, "table1_big", methods=["sup"], seeds=[0, 1]), jobs=1, threads=1,
+                    progress=False, log=logs.append)
+    assert any("1 of 2 cells to train" in m for m in logs), logs
+    by_seed = {r["seed"]: r for r in big}
+    assert by_seed[0]["run_id"] == small[0]["run_id"] and by_seed[0]["test_dice"] == small[0]["test_dice"]
+    assert by_seed[1]["status"] == "FINISHED" and by_seed[1]["run_id"] != small[0]["run_id"]
+    logs.clear()
+    changed = run_table(tiny_spec(tmp_path, "table1_changed", methods=["sup"], seeds=[0],
+                                  set={"quick": ["train.lr=0.002"]}), jobs=1, threads=1, progress=False,
+                        log=logs.append)
+    assert any("1 of 1 cells to train" in m for m in logs), logs
+    assert changed[0]["run_id"] not in {r["run_id"] for r in big}
+
+
 def test_sanity_checks_hold_each_row_to_the_supervision_of_its_nets():
     """A one-net peer is checked against `sup-a` (net A alone), a two-net row against `sup` (both nets'
     ensemble): bcp between the two passes, ct below sup is flagged."""

@@ -1,7 +1,8 @@
 """Table 1, stage 3 (collect): one record per cell, read from the tracking store alone.
 
-A cell is done when the store holds a FINISHED run tagged with this table, the cell and the same
-config hash; its metrics come from the run, its per-case CSV from the run folder when it is on this
+A cell is done when the store holds a FINISHED cell run with the same config hash: this table's, else
+another table's of the same dataset (the same configuration trains the same weights, so a full grid
+reuses the cells of a smaller table that ran first); its metrics come from the run, its per-case CSV from the run folder when it is on this
 machine, else from the run's artifacts (through the server), so any machine can write the table.
 """
 
@@ -16,10 +17,11 @@ import numpy as np
 from cctr.table1.plan import Table1Spec, cell_hashes, cells, table_dataset
 
 
-def _table_runs(dataset: str, name: str, status: str | None = None, role: str = "cell") -> list:
+def _table_runs(dataset: str, name: str | None, status: str | None = None, role: str = "cell") -> list:
+    """Runs of table `name` (every table's when None) in the dataset's experiment."""
     from cctr import tracking
 
-    flt = f"tags.table1 = '{name}' and tags.role = '{role}'"
+    flt = f"tags.role = '{role}'" + (f" and tags.table1 = '{name}'" if name is not None else "")
     if status:
         flt += f" and attributes.status = '{status}'"
     runs, token = [], None
@@ -36,9 +38,11 @@ def _table_runs(dataset: str, name: str, status: str | None = None, role: str = 
 
 
 def _finished_by_hash(dataset: str, name: str) -> dict[str, Any]:
-    """config hash -> the first FINISHED run of it (a later duplicate never changes the table)."""
+    """config hash -> the first FINISHED cell run of it, this table's before any other table's (a later
+    duplicate never changes the table)."""
     out: dict[str, Any] = {}
-    for r in sorted(_table_runs(dataset, name, "FINISHED"), key=lambda r: (r.info.start_time, r.info.run_id)):
+    runs = _table_runs(dataset, None, "FINISHED")
+    for r in sorted(runs, key=lambda r: (r.data.tags.get("table1") != name, r.info.start_time, r.info.run_id)):
         out.setdefault(r.data.tags.get("config_hash", ""), r)
     return out
 
