@@ -2,8 +2,9 @@
 
 A cell is done when the store holds a FINISHED cell run with the same config hash: this table's, else
 another table's of the same dataset (the same configuration trains the same weights, so a full grid
-reuses the cells of a smaller table that ran first); its metrics come from the run, its per-case CSV from the run folder when it is on this
-machine, else from the run's artifacts (through the server), so any machine can write the table.
+reuses the cells of a smaller table that ran first); its metrics come from the run, its per-case CSV
+from the run folder when it is on this machine, else from the run's artifacts (through the server),
+so any machine can write the table.
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ import numpy as np
 from cctr.table1.plan import Table1Spec, cell_hashes, cells, table_dataset
 
 
-def _table_runs(dataset: str, name: str | None, status: str | None = None, role: str = "cell") -> list:
-    """Runs of table `name` (every table's when None) in the dataset's experiment."""
+def _table_runs(dataset: str, name: str | None, status: str | None = None, role: str = "cell",
+                config_hash: str | None = None) -> list:
+    """Runs of table `name` (every table's when None) in the dataset's experiment; of one config hash
+    when given."""
     from cctr import tracking
 
     flt = f"tags.role = '{role}'" + (f" and tags.table1 = '{name}'" if name is not None else "")
+    if config_hash:
+        flt += f" and tags.config_hash = '{config_hash}'"
     if status:
         flt += f" and attributes.status = '{status}'"
     runs, token = [], None
@@ -37,11 +42,11 @@ def _table_runs(dataset: str, name: str | None, status: str | None = None, role:
             return runs
 
 
-def _finished_by_hash(dataset: str, name: str) -> dict[str, Any]:
+def _finished_by_hash(dataset: str, name: str, config_hash: str | None = None) -> dict[str, Any]:
     """config hash -> the first FINISHED cell run of it, this table's before any other table's (a later
-    duplicate never changes the table)."""
+    duplicate never changes the table); `config_hash`: that one hash only (one small query)."""
     out: dict[str, Any] = {}
-    runs = _table_runs(dataset, None, "FINISHED")
+    runs = _table_runs(dataset, None, "FINISHED", config_hash=config_hash)
     for r in sorted(runs, key=lambda r: (r.data.tags.get("table1") != name, r.info.start_time, r.info.run_id)):
         out.setdefault(r.data.tags.get("config_hash", ""), r)
     return out

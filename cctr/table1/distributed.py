@@ -19,7 +19,7 @@ from collections.abc import Callable
 from cctr import workers
 from cctr.checkpoint import config_hash
 from cctr.table1.collect import _finished_by_hash, _table_runs, collect_records
-from cctr.table1.plan import Table1Spec, _cell_name, cell_config, cell_hashes, cell_split, cells
+from cctr.table1.plan import Table1Spec, _cell_name, cell_config, cell_hashes, cell_split, cells, table_dataset
 from cctr.table1.run import _resume_point, prepare_shared
 
 PARENT = "mlflow_parent_run_id"
@@ -68,7 +68,7 @@ def run_distributed(spec: Table1Spec, storage: str, log: Callable[[str], None] =
     anywhere; returns one record per cell, from the tracking store."""
     all_cells = cells(spec)
     hashes = cell_hashes(spec)
-    dataset = cell_config(spec, *all_cells[0]).data.dataset
+    dataset = table_dataset(spec)
     board = _board(storage, spec, dataset, heartbeat_s)
     parent = _parent_run(board, spec, dataset)
     finished = _finished_by_hash(dataset, spec.name)
@@ -116,7 +116,7 @@ def work(board, spec: Table1Spec, parent: str, progress: bool, log: Callable[[st
         name = _cell_name(c)
         cfg = cell_config(spec, *c)
         dataset = cfg.data.dataset
-        if hashes[c] in _finished_by_hash(dataset, spec.name):  # finished, but its trial was not closed
+        if _finished_by_hash(dataset, spec.name, hashes[c]):  # finished, but its trial was not closed
             log(f"{name}: finished already")
             return 0.0
         _end_orphans(board, claim)
