@@ -209,8 +209,13 @@ def _title(md: str) -> str:
 
 
 def render_table1_excerpt() -> str:
+    """One table per dataset: the top-level results/table1_<dataset>.md (the full grid) where it exists,
+    else the one a subfolder holds (a partial grid, e.g. the 1-labeled tables)."""
     out = [BEGIN]
+    top = {p.name for p in RESULTS.glob("table1_*.md")}
     for path in sorted(RESULTS.rglob("table1_*.md")):
+        if path.parent != RESULTS and path.name in top:
+            continue
         md = path.read_text()
         rel = path.relative_to(ROOT).as_posix()
         out += ["", f"**{_title(md)}**, best-val checkpoint, mean ± std test Dice over seeds, HD95 in mm, "

@@ -65,20 +65,24 @@ def pseudo_label_figure(history: list[dict], path: Path) -> Path:
 
 
 def table1_figure(rows: list[dict], methods: list[str], labeled: list[int], path: Path) -> Path:
-    """Grouped bars: test Dice per method, one group per labeled count, std as error bars."""
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(labeled) * max(1, len(methods)) / 4, 3.6))
+    """Grouped bars: test Dice per method, one group per labeled count, std as error bars. Each method
+    has its own colour (tab20: Table 1 has more rows than tab10's ten) and the legend sits right of the
+    axes, where it hides no bar."""
+    fig, ax = plt.subplots(figsize=(2.8 + 1.4 * len(labeled) * max(1, len(methods)) / 4, 3.6))
     width = 0.8 / max(1, len(methods))
+    colours = plt.get_cmap("tab20").colors
     for i, m in enumerate(methods):
         means, stds = [], []
         for lab in labeled:
             r = next((r for r in rows if r["method"] == m and r["labeled"] == lab), None)
             means.append(np.nan if r is None else r["test_dice_mean"])
             stds.append(0.0 if r is None or r["test_dice_std"] != r["test_dice_std"] else r["test_dice_std"])
-        ax.bar(np.arange(len(labeled)) + i * width, means, width, yerr=stds, label=m, capsize=2)
+        ax.bar(np.arange(len(labeled)) + i * width, means, width, yerr=stds, label=m, capsize=2,
+               color=colours[i % len(colours)])
     ax.set_xticks(np.arange(len(labeled)) + width * (len(methods) - 1) / 2)
     ax.set_xticklabels([f"{lab} labeled" for lab in labeled])
     ax.set_ylabel("test mean foreground Dice")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)

@@ -38,6 +38,20 @@ def test_readme_table1_excerpt_is_generated_from_results():
     assert "| cctr |" in readme
 
 
+def test_the_excerpt_shows_a_dataset_s_full_grid_in_place_of_its_partial_ones(tmp_path, monkeypatch):
+    def table(title: str, row: str) -> str:
+        return f"# {title}\n\n## Best-val checkpoint\n\n| method | Dice |\n|---|---|\n| {row} | 0.5 |\n\nafter\n"
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "table1_a.md").write_text(table("A, 1 labeled", "partial-a"))
+    (tmp_path / "one" / "table1_b.md").write_text(table("B, 1 labeled", "partial-b"))
+    (tmp_path / "table1_a.md").write_text(table("A, full", "full-a"))
+    monkeypatch.setattr(docs_gen, "ROOT", tmp_path)
+    monkeypatch.setattr(docs_gen, "RESULTS", tmp_path)
+    text = docs_gen.render_table1_excerpt()
+    assert "| full-a | 0.5 |" in text and "| partial-b | 0.5 |" in text
+    assert "partial-a" not in text and "after" not in text
+
+
 def test_readme_is_short_and_has_no_development_narrative():
     text = (ROOT / "README.md").read_text()
     assert len(text.splitlines()) <= 250
