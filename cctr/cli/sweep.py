@@ -130,7 +130,7 @@ def table1_cmd(
 ) -> None:
     """Train every Table-1 cell not finished yet (methods x labeled counts x seeds), then write the table.
 
-    The grid (phantom-cardiac): 11 methods (CCT-R's rows, the peers bcp, unimatch and their one-net floor sup-a) x labeled 1,2,4 x seeds 0-2, full trained once per seed: 93 cells of the quick preset, about 1 h 40 min on 2 CPU cores with native bf16 (CCT-R's 66: about 1 h 10 min), about twice that without (docs/performance.md). Finished cells are found in MLflow by their config hash and skipped, so an interrupted run resumes. Writes results/table1_<dataset>.md/.csv/.tex, figures and a per-run CSV.
+    The grid (phantom-cardiac): 11 methods (CCT-R's rows, the peers bcp, unimatch and their one-net floor sup-a) x labeled 1,2,4 x seeds 0-2, full trained once per seed: 93 cells of the quick preset (its wall time: docs/performance.md). Finished cells are found in MLflow by their config hash and skipped, so an interrupted run resumes. Writes results/table1_<dataset>.md/.csv/.tex, figures and a per-run CSV.
 
     One cell again: `cctr train --dataset D --method M --labeled N --seed S`.
     """
