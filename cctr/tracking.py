@@ -283,8 +283,14 @@ class Run:
             client().log_batch(self.run_id, params=ps[i:i + 90])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            client().set_tag(self.run_id, k, str(v))
+        """One batch write, not one `set_tag` per key: on a database store two machines tagging the
+        same run at once (a shared sweep's summary) both insert a key that neither saw, and only the
+        batch path retries that duplicate insert as an update; `set_tag` fails on it."""
+        from mlflow.entities import RunTag
+
+        ts = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(ts), 90):
+            client().log_batch(self.run_id, tags=ts[i:i + 90])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None, link: bool = False) -> None:
         """`link=True` hard-links into a local artifact store instead of copying (checkpoints are
