@@ -24,9 +24,9 @@ from tests.test_sweep_postgres import (
     PG_PASS,
     PG_ROLE,
     _free_port,
-    _psql,
     _system_cluster_port,
     _throwaway_cluster,
+    ensure_role,
     require_postgres,
 )
 
@@ -69,8 +69,7 @@ def postgres_server():
     bindir = require_postgres()
     port = _system_cluster_port()
     if port is not None:
-        if _psql(f"select 1 from pg_roles where rolname='{PG_ROLE}'").stdout.strip() != "1":
-            _psql(f"create role {PG_ROLE} login password '{PG_PASS}' createdb")
+        ensure_role()
         pg = Postgres(f"postgresql+psycopg2://{PG_ROLE}:{PG_PASS}@127.0.0.1:{port}/postgres")
         try:
             yield pg

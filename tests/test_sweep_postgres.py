@@ -56,9 +56,19 @@ def _system_cluster_port() -> int | None:
     return int(online[0])
 
 
+def ensure_role() -> None:
+    """The tests' role in the system cluster. Fixtures on parallel pytest workers may create it at
+    the same moment; the loser's error is fine once the role exists."""
+    def exists() -> bool:
+        return _psql(f"select 1 from pg_roles where rolname='{PG_ROLE}'").stdout.strip() == "1"
+
+    if not exists():
+        r = _psql(f"create role {PG_ROLE} login password '{PG_PASS}' createdb")
+        assert r.returncode == 0 or exists(), r.stderr
+
+
 def _system_database(port: int):
-    if _psql(f"select 1 from pg_roles where rolname='{PG_ROLE}'").stdout.strip() != "1":
-        _psql(f"create role {PG_ROLE} login password '{PG_PASS}' createdb")
+    ensure_role()
     db = f"cctr_{uuid.uuid4().hex[:8]}"
     r = _psql(f"create database {db} owner {PG_ROLE}")
     assert r.returncode == 0, r.stderr
