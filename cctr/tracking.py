@@ -271,16 +271,13 @@ class Run:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        ms = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if v is not None and v == v]
-        for i in range(0, len(ms), 900):
-            client().log_batch(self.run_id, metrics=ms[i:i + 900])
+        self._log_batch("metrics", [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()
+                                    if v is not None and v == v])
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        ps = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(ps), 90):
-            client().log_batch(self.run_id, params=ps[i:i + 90])
+        self._log_batch("params", [Param(k, str(v)[:6000]) for k, v in params.items()])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         """One batch write, not one `set_tag` per key: on a database store two machines tagging the
@@ -288,9 +285,14 @@ class Run:
         batch path retries that duplicate insert as an update; `set_tag` fails on it."""
         from mlflow.entities import RunTag
 
-        ts = [RunTag(k, str(v)) for k, v in tags.items()]
-        for i in range(0, len(ts), 90):
-            client().log_batch(self.run_id, tags=ts[i:i + 90])
+        self._log_batch("tags", [RunTag(k, str(v)) for k, v in tags.items()])
+
+    _BATCH = {"metrics": 900, "params": 90, "tags": 90}  # under MLflow's per-request limits (1000, 100, 100)
+
+    def _log_batch(self, kind: str, entities: list) -> None:
+        n = self._BATCH[kind]
+        for i in range(0, len(entities), n):
+            client().log_batch(self.run_id, **{kind: entities[i:i + n]})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None, link: bool = False) -> None:
         """`link=True` hard-links into a local artifact store instead of copying (checkpoints are

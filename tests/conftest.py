@@ -30,6 +30,14 @@ def _isolated_store(session_dirs, monkeypatch):
 
 
 @pytest.fixture(scope="module")
+def pg():
+    """A PostgreSQL server (tests/pg.py) for a module's tests; skips without one (fails in CI)."""
+    from tests.pg import postgres_server
+
+    yield from postgres_server()
+
+
+@pytest.fixture(scope="module")
 def registration_ready(session_dirs):
     """Train the tiny registration model once for the variants that need it."""
     import os

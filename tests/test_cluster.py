@@ -20,16 +20,11 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import TINY, TINY_SPACE, write_yaml
-from tests.pg import mlflow_server, postgres_server
+from tests.pg import mlflow_server
 from tests.test_sweep_postgres import _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PYPATH = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-
-
-@pytest.fixture(scope="module")
-def pg():
-    yield from postgres_server()
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,6 @@ import sys
 import threading
 import time
 
-import pytest
-
-from tests.pg import postgres_server
-
 SCRIPT = """
 import sys, time
 t0 = float(sys.argv[1])
@@ -42,11 +38,6 @@ def test_fresh_store_opened_by_several_processes_at_once(tmp_path, monkeypatch):
     monkeypatch.setenv("CCTR_MLRUNS", env["CCTR_MLRUNS"])
     runs = tracking.client().search_runs([tracking.experiment_id("race")])
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
-
-
-@pytest.fixture(scope="module")
-def pg():
-    yield from postgres_server()
 
 
 def test_writers_tagging_one_run_at_once_on_a_database_store_all_succeed(pg, monkeypatch):
